@@ -1,0 +1,134 @@
+"""Where examples come from: local line-aligned files or JSONL, the Hugging Face hub, or the embedded grammar.
+
+Every reader fails with a `DataError` that names the file (and line) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from neft_lab.data.examples import Example
+from neft_lab.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Read a UTF-8 text file as one segment per line (no trailing newline kept)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}, column {column} is not valid UTF-8 (byte 0x{raw[err.start]:02x}). "
+            f"Re-encode the file as UTF-8, e.g. `iconv -f GB18030 -t UTF-8 {path.name}` for Chinese text."
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [line.rstrip("\r") for line in lines]
+    if not lines:
+        raise DataError(f"{path} is empty: it must hold one segment per line")
+    return lines
+
+
+def _field(record: dict[str, Any], dotted: str, where: str) -> str:
+    value: Any = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{where} has no field '{dotted}' (fields: {keys}). "
+                f"Set task.data.source_field / task.data.target_field to the right names."
+            )
+        value = value[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{dotted}' is {type(value).__name__}, expected text")
+    return value
+
+
+def read_parallel(source_file: Path, target_file: Path) -> list[Example]:
+    """Two line-aligned files: line i of the source translates to line i of the target."""
+    sources, targets = read_lines(source_file), read_lines(target_file)
+    if len(sources) != len(targets):
+        raise DataError(
+            f"{source_file} has {len(sources)} lines but {target_file} has {len(targets)}: "
+            "parallel files must be line-aligned, one segment per line (check for stray newlines inside a segment)."
+        )
+    return [Example(s, t, f"{source_file}:{i + 1}") for i, (s, t) in enumerate(zip(sources, targets))]
+
+
+def read_jsonl(path: Path, source_field: str, target_field: str) -> list[Example]:
+    examples = []
+    for i, line in enumerate(read_lines(path)):
+        if not line.strip():
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{where} is not valid JSON ({err.msg}): each line must be one JSON object"
+            ) from None
+        examples.append(
+            Example(_field(record, source_field, where), _field(record, target_field, where), where)
+        )
+    if not examples:
+        raise DataError(f"{path} holds no records")
+    return examples
+
+
+def read_local_split(
+    folder: str | Path, split: str, source_lang: str, target_lang: str, source_field: str, target_field: str
+) -> list[Example]:
+    """`<split>.<src>` + `<split>.<tgt>` if present, else `<split>.jsonl`."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"data folder {folder} does not exist: point task.data.{split}_dir (or task.data.data_dir) at it"
+        )
+    source_file, target_file = folder / f"{split}.{source_lang}", folder / f"{split}.{target_lang}"
+    jsonl = folder / f"{split}.jsonl"
+    if source_file.exists() or target_file.exists():
+        return read_parallel(source_file, target_file)
+    if jsonl.exists():
+        return read_jsonl(jsonl, source_field, target_field)
+    present = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())[:12]) or "nothing"
+    raise DataError(
+        f"no '{split}' data in {folder}: expected {source_file.name} + {target_file.name} (line-aligned) "
+        f"or {jsonl.name}; found {present}."
+    )
+
+
+def read_hub_split(
+    path: str, name: str | None, split: str, source_field: str, target_field: str, limit: int | None
+) -> list[Example]:
+    """A split of a Hugging Face dataset (needs network or a populated HF cache)."""
+    import datasets
+
+    spec = f"{split}[:{limit}]" if limit else split
+    try:
+        dataset = datasets.load_dataset(path, name, split=spec)
+    except Exception as err:  # the hub raises many types; all mean "not reachable or not there"
+        raise DataError(
+            f"could not load {path}{'/' + name if name else ''} split '{split}' from the Hugging Face hub ({err}). "
+            "Offline? Point task.data.data_dir (or train_dir/test_dir) at local files instead."
+        ) from err
+    return [
+        Example(
+            _field(row, source_field, f"{path}[{split}][{i}]"),
+            _field(row, target_field, f"{path}[{split}][{i}]"),
+            f"{path}[{split}][{i}]",
+        )
+        for i, row in enumerate(dataset)
+    ]

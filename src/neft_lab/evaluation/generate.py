@@ -1,0 +1,68 @@
+"""Batched greedy generation with left padding, stopping at EOS or the task's stop strings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neft_lab.data.encoding import PromptEncoder
+from neft_lab.data.examples import Example
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """Keep what comes before the first stop string; strip surrounding whitespace."""
+    for stop in stops:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_predictions(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    examples: list[Example],
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy continuations of each example's prompt, in the order of `examples`."""
+    tokenizer, task = encoder.tokenizer, encoder.task
+    prompts = [encoder.encode_prompt(e) for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths → little padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs: dict[int, str] = {}
+    stop_strings = [s for s in task.stop if s]
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+            rows = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for r, i in enumerate(rows):
+                input_ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[r, width - len(prompts[i]) :] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens or task.max_new_tokens,
+                pad_token_id=pad,
+                stop_strings=stop_strings or None,
+                tokenizer=tokenizer if stop_strings else None,
+                use_cache=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            for i, text in zip(rows, texts):
+                outputs[i] = cut_at_stop(text, task.stop)
+    finally:
+        model.train(was_training)
+    return [outputs[i] for i in range(len(examples))]

@@ -1,0 +1,101 @@
+"""Corpus metrics: sacreBLEU BLEU and chrF, ROUGE-1/2/L (Google's rouge-score), optional COMET."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CJK_LANGS = {"zh", "ja", "ko"}
+
+
+def bleu_tokenizer(target_lang: str) -> str:
+    """sacreBLEU's tokenizer for the target language: `zh` for Chinese, `ja-mecab`-free defaults otherwise."""
+    return "zh" if target_lang == "zh" else "13a"
+
+
+def bleu(predictions: list[str], references: list[str], target_lang: str = "en") -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenizer(target_lang)).score)
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(predictions, [references]).score)
+
+
+class _CharTokenizer:
+    """ROUGE over characters for CJK targets, where whitespace tokenization sees one word per sentence."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return [c for c in text if not c.isspace()]
+
+
+def rouge(predictions: list[str], references: list[str], target_lang: str = "en") -> dict[str, float]:
+    """Mean F1 of ROUGE-1/2/L (x100), stemmed for English, per character for CJK."""
+    from rouge_score import rouge_scorer
+
+    kinds = ["rouge1", "rouge2", "rougeL"]
+    if target_lang in CJK_LANGS:
+        scorer = rouge_scorer.RougeScorer(kinds, tokenizer=_CharTokenizer())
+    else:
+        scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
+    totals = dict.fromkeys(kinds, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(reference, prediction)
+        for kind in kinds:
+            totals[kind] += scores[kind].fmeasure
+    n = max(len(predictions), 1)
+    return {kind: 100.0 * total / n for kind, total in totals.items()}
+
+
+def comet(
+    sources: list[str], predictions: list[str], references: list[str], model_name: str, batch_size: int = 16
+) -> float | None:
+    """COMET system score x100, or None (with a logged reason) when the package or model is missing."""
+    try:
+        from comet import download_model, load_from_checkpoint
+    except ImportError:
+        logger.warning("COMET skipped: install the extra with `pip install 'neft_lab[comet]'`")
+        return None
+    try:
+        model = load_from_checkpoint(download_model(model_name))
+    except Exception as err:  # offline, gated or missing checkpoint
+        logger.warning(
+            "COMET skipped: could not load %s (%s). Set eval.comet_model to a local checkpoint.",
+            model_name,
+            err,
+        )
+        return None
+    data = [{"src": s, "mt": p, "ref": r} for s, p, r in zip(sources, predictions, references)]
+    output = model.predict(data, batch_size=batch_size, gpus=0, progress_bar=False)
+    return 100.0 * float(output.system_score)
+
+
+def score(
+    metrics: tuple[str, ...] | list[str],
+    sources: list[str],
+    predictions: list[str],
+    references: list[str],
+    target_lang: str,
+    comet_model: str = "Unbabel/wmt22-comet-da",
+) -> dict[str, Any]:
+    """Every metric the task names, as a flat dict."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    results: dict[str, Any] = {"n": len(predictions)}
+    for name in metrics:
+        if name == "bleu":
+            results["bleu"] = bleu(predictions, references, target_lang)
+        elif name == "chrf":
+            results["chrf"] = chrf(predictions, references)
+        elif name == "rouge":
+            results.update(rouge(predictions, references, target_lang))
+        elif name == "comet":
+            results["comet"] = comet(sources, predictions, references, comet_model)
+        else:
+            raise ValueError(f"unknown metric '{name}'")
+    return results

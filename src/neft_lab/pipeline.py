@@ -1,0 +1,282 @@
+"""The stages a run goes through: `fit` (train, export, evaluate) and `eval` (score a saved result)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from neft_lab.data.datamodule import TaskDataModule
+from neft_lab.data.encoding import PromptEncoder
+from neft_lab.data.task import Task
+from neft_lab.errors import ConfigError
+from neft_lab.evaluation.evaluate import evaluate, format_metrics
+from neft_lab.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
+from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
+from neft_lab.training.module import CausalLMModule
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("fit", "eval")
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run the configured stage; returns the main test metric (for Hydra sweepers)."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"unknown stage '{cfg.stage}': choose one of {STAGES}")
+    _route_lightning_logs_through_hydra()
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return fit(cfg, run_dir) if cfg.stage == "fit" else evaluate_saved(cfg, run_dir)
+
+
+def _route_lightning_logs_through_hydra() -> None:
+    """Lightning installs its own console handler; drop it so each message prints once and reaches the run log."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+def _summary_line(cfg: DictConfig, summary: dict[str, Any]) -> str:
+    return (
+        f"model={cfg.model.name} task={cfg.task.name} strategy={summary['strategy']} "
+        f"trainable={summary['trainable_parameters']:,}/{summary['total_parameters']:,} "
+        f"({summary['trainable_percent']:.3f}%) steps={cfg.trainer.max_steps} lr={cfg.optim.lr} "
+        f"batch={cfg.loader.batch_size} seed={cfg.seed}"
+    )
+
+
+def _evaluate_split(
+    cfg: DictConfig, model: torch.nn.Module, encoder: PromptEncoder, datamodule: TaskDataModule, label: str
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    metrics, rows = evaluate(
+        model,
+        encoder,
+        datamodule.examples("test"),
+        batch_size=cfg.eval.batch_size,
+        comet_model=cfg.eval.comet_model,
+        desc=f"test ({label})",
+    )
+    logger.info("%s: %s", label, format_metrics(metrics))
+    for row in rows[: cfg.eval.show]:
+        logger.info(
+            "  src: %s\n  ref: %s\n  hyp: %s",
+            row["source"][:200],
+            row["reference"][:200],
+            row["prediction"][:200],
+        )
+    return metrics, rows
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar callback with the bar off
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+    )
+
+
+def _restore_best(module: CausalLMModule, trainer: L.Trainer) -> str | None:
+    """Load the best checkpoint's trainable tensors (best by validation loss) into the live model."""
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if not best or not Path(best).exists():
+        return None
+    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    missing = set(state) - set(module.state_dict())
+    if missing:
+        raise RuntimeError(f"checkpoint {best} holds tensors this model lacks: {sorted(missing)[:5]}")
+    module.load_state_dict(state, strict=False)
+    return best
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> float | None:
+    started = time.perf_counter()
+    model, tokenizer = load_model(cfg.model)
+    base_parameters = parameter_count(model)
+    task = Task.from_config(cfg.task)
+    encoder = PromptEncoder(tokenizer, task, chat_template=cfg.model.chat_template)
+    datamodule = TaskDataModule(
+        task,
+        encoder,
+        batch_size=cfg.loader.batch_size,
+        eval_batch_size=cfg.loader.eval_batch_size,
+        num_workers=cfg.loader.num_workers,
+        seed=cfg.seed,
+    )
+    datamodule.setup()
+    strategy = build_strategy(cfg.strategy)
+    ctx = StrategyContext(
+        cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), datamodule=datamodule
+    )
+    model = strategy.apply(model, ctx)
+    summary = strategy.summary(model, base_parameters)
+    logger.info("%s\nrun dir: %s", _summary_line(cfg, summary), run_dir)
+
+    results: dict[str, Any] = {"model": cfg.model.name, "task": task.name, "seed": cfg.seed, **summary}
+    if cfg.eval.before:
+        results["before"], _ = _evaluate_split(cfg, model, encoder, datamodule, "before fine-tuning")
+
+    module = CausalLMModule(model, strategy, **OmegaConf.to_container(cfg.optim, resolve=True))
+    trainer = build_trainer(cfg, run_dir)
+    train_started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    best = _restore_best(module, trainer)
+    results["train"] = {
+        "steps": trainer.global_step,
+        "seconds": round(time.perf_counter() - train_started, 2),
+        "final_loss": _metric(trainer, "train/loss"),
+        "best_val_loss": _best_score(trainer),
+        "best_checkpoint": best,
+    }
+    if cfg.export.enabled:
+        strategy.export(model, tokenizer, run_dir / "export")
+        results["export"] = str(run_dir / "export")
+
+    if cfg.eval.after:
+        results["after"], rows = _evaluate_split(cfg, model, encoder, datamodule, "after fine-tuning")
+        atomic_write_jsonl(run_dir / "predictions.jsonl", rows)
+        for lg in trainer.loggers:
+            lg.log_metrics(
+                {f"test/{k}": v for k, v in results["after"].items() if isinstance(v, (int, float))},
+                step=trainer.global_step,
+            )
+    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(run_dir / "metrics.json", results)
+    _finish_loggers(trainer)
+    _print_outcome(results, run_dir)
+    return _main_metric(results.get("after"), task)
+
+
+def _metric(trainer: L.Trainer, key: str) -> float | None:
+    value = trainer.callback_metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _best_score(trainer: L.Trainer) -> float | None:
+    callback = trainer.checkpoint_callback
+    score = getattr(callback, "best_model_score", None) if callback is not None else None
+    return None if score is None else float(score)
+
+
+def _main_metric(metrics: dict[str, Any] | None, task: Task) -> float | None:
+    if not metrics:
+        return None
+    for key in ("comet", "bleu", "rougeL", "chrf"):
+        if metrics.get(key) is not None:
+            return float(metrics[key])
+    return None
+
+
+def _finish_loggers(trainer: L.Trainer) -> None:
+    """Close W&B runs so every job of a multirun gets its own."""
+    for lg in trainer.loggers:
+        lg.finalize("success")
+        experiment = getattr(lg, "_experiment", None)
+        if experiment is not None and hasattr(experiment, "finish"):
+            experiment.finish()
+
+
+def _print_outcome(results: dict[str, Any], run_dir: Path) -> None:
+    lines = [f"results in {run_dir}/metrics.json"]
+    for label in ("before", "after"):
+        if label in results:
+            lines.append(f"{label:>6}: {format_metrics(results[label])}")
+    lines.append(f"wall time {results['wall_seconds']:.0f} s")
+    logger.info("\n".join(lines))
+
+
+def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
+    """A saved result as a model: full export folder, PEFT adapter folder, run folder or Lightning .ckpt."""
+    if path.is_dir() and (path / "export").is_dir():
+        path = path / "export"
+    if path.is_dir() and (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(cfg.model)
+        return PeftModel.from_pretrained(base, str(path)), tokenizer
+    if path.is_dir() and (path / "config.json").exists():
+        return load_pretrained(path, torch_dtype(cfg.model.dtype), cfg.model), load_tokenizer(path, cfg.model)
+    if path.is_file() and path.suffix == ".ckpt":
+        model, tokenizer = load_model(cfg.model)
+        strategy: TrainingStrategy = build_strategy(cfg.strategy)
+        model = strategy.apply(model, StrategyContext(cfg=cfg))
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        prefix = "model."
+        missing = model.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=False)
+        if missing.unexpected_keys:
+            raise ConfigError(
+                f"{path} does not fit strategy={cfg.strategy.name} on model={cfg.model.name}: "
+                f"unexpected tensors {missing.unexpected_keys[:3]}. Pass the strategy/model it was trained with."
+            )
+        return model, tokenizer
+    raise ConfigError(
+        f"ckpt={path} is not a run folder, an export folder (config.json or adapter_config.json) "
+        "or a Lightning .ckpt file"
+    )
+
+
+def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:
+    if not cfg.ckpt:
+        raise ConfigError("stage=eval needs ckpt=<run folder, export folder or .ckpt file>")
+    path = Path(cfg.ckpt).expanduser()
+    if not path.exists():
+        raise ConfigError(f"ckpt={path} does not exist")
+    cfg = _with_run_config(cfg, path)
+    model, tokenizer = _load_for_eval(cfg, path)
+    task = Task.from_config(cfg.task)
+    encoder = PromptEncoder(tokenizer, task, chat_template=cfg.model.chat_template)
+    datamodule = TaskDataModule(task, encoder, eval_batch_size=cfg.loader.eval_batch_size, seed=cfg.seed)
+    metrics, rows = _evaluate_split(cfg, model, encoder, datamodule, f"{path.name}")
+    atomic_write_jsonl(run_dir / "predictions.jsonl", rows)
+    atomic_write_json(
+        run_dir / "metrics.json",
+        {"model": cfg.model.name, "task": task.name, "ckpt": str(path), "after": metrics},
+    )
+    _print_outcome({"after": metrics, "wall_seconds": metrics["seconds"]}, run_dir)
+    return _main_metric(metrics, task)
+
+
+def _with_run_config(cfg: DictConfig, path: Path) -> DictConfig:
+    """For a run folder, reuse the model and strategy it was trained with (and its task unless task= is given)."""
+    run_cfg_file = next(
+        (p / "config.yaml" for p in (path, path.parent, path.parent.parent) if (p / "config.yaml").exists()),
+        None,
+    )
+    if run_cfg_file is None:
+        return cfg
+    saved = OmegaConf.load(run_cfg_file)
+    merged = OmegaConf.to_container(cfg, resolve=True)
+    merged["model"] = OmegaConf.to_container(saved.model)
+    merged["strategy"] = OmegaConf.to_container(saved.strategy)
+    if not _overridden("task"):
+        merged["task"] = OmegaConf.to_container(saved.task)
+    return OmegaConf.create(merged)
+
+
+def _overridden(group: str) -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return any(
+            o.split("=")[0].lstrip("+~") in (group,) or o.startswith(f"{group}.")
+            for o in HydraConfig.get().overrides.task
+        )
+    except ValueError:  # not inside a Hydra job (tests, notebooks)
+        return False

@@ -1,0 +1,75 @@
+"""The strategy interface: the only code that knows how a model is made trainable.
+
+The LightningModule calls `apply` once, asks `param_groups` for the optimizer, calls
+`after_optimizer_step` after each step, and uses `trainable_state_dict` / `export` to save.
+A new method (NeFT and its baselines) is a new subclass; the training loop does not change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+NO_DECAY_HINTS = ("bias", "norm", "embed")
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may need beyond the model: the run's config, folders and data (NeFT's reference run)."""
+
+    cfg: Any = None
+    run_dir: Path | None = None
+    cache_dir: Path | None = None
+    datamodule: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingStrategy(ABC):
+    name: str = "base"
+
+    @abstractmethod
+    def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        """Freeze what must not train; may wrap the model (PEFT). Returns the model to train."""
+
+    def trainable_named_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay matrices, not biases, norms or embeddings."""
+        decay, no_decay = [], []
+        for name, param in self.trainable_named_parameters(model):
+            (no_decay if param.ndim < 2 or any(h in name.lower() for h in NO_DECAY_HINTS) else decay).append(
+                param
+            )
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Hook for strategies that keep trainable state outside the live weights."""
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to restore training: only the trainable tensors."""
+        trainable = {n for n, _ in self.trainable_named_parameters(model)}
+        return {n: t for n, t in model.state_dict().items() if n in trainable}
+
+    def summary(self, model: nn.Module, base_parameters: int) -> dict[str, Any]:
+        trainable = sum(p.numel() for _, p in self.trainable_named_parameters(model))
+        return {
+            "strategy": self.name,
+            "trainable_parameters": trainable,
+            "total_parameters": base_parameters,
+            "trainable_percent": 100.0 * trainable / max(base_parameters, 1),
+        }
+
+    @abstractmethod
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """Write the trained result as a Hugging Face folder that `load_for_eval` reads back."""
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        return model

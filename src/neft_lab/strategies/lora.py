@@ -1,0 +1,67 @@
+"""LoRA through PEFT, with the paper's defaults: all linear layers but the LM head, alpha 16, dropout 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from neft_lab.errors import ConfigError
+from neft_lab.io import atomic_dir
+from neft_lab.strategies.base import StrategyContext, TrainingStrategy
+
+
+class LoraStrategy(TrainingStrategy):
+    name = "lora"
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        bias: str = "none",
+        merge_on_export: bool = False,
+    ) -> None:
+        if r <= 0:
+            raise ConfigError(f"strategy.r must be a positive LoRA rank, got {r}")
+        self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.merge_on_export = merge_on_export
+
+    def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            bias=self.bias,
+            target_modules=self.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, config)
+        except ValueError as err:  # PEFT's message for target modules that match nothing
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            )
+            raise ConfigError(
+                f"strategy.target_modules={self.target_modules} does not fit this model ({err}); "
+                f"its linear layers are named {names}"
+            ) from err
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """The adapter (small) by default; a merged full checkpoint with merge_on_export=true."""
+        with atomic_dir(out_dir) as tmp:
+            if self.merge_on_export:
+                model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        return out_dir
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
