@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from conftest import read_metrics, run_cli
+import pytest
+
+from conftest import REPO, read_metrics, run_cli
 
 FAST = ["experiment=smoke", "trainer.enable_progress_bar=false"]
 
@@ -31,11 +34,15 @@ def test_smoke_trains_evaluates_and_eval_stage_reproduces(tmp_path):
     assert abs(rerun["after"]["bleu"] - metrics["after"]["bleu"]) < 1e-6
 
 
-def test_multirun_writes_one_result_per_strategy(tmp_path):
+def test_sweep_file_multirun_and_notebook(tmp_path):
+    """`sweeps/strategies.yaml` runs full × LoRA × 2 seeds; the comparison notebook reads the four results."""
     done = run_cli(
         [
             "-m",
-            "strategy=full,lora",
+            "--config-dir",
+            str(REPO / "sweeps"),
+            "--config-name",
+            "strategies",
             *FAST,
             "trainer.max_steps=20",
             "trainer.val_check_interval=10",
@@ -44,12 +51,27 @@ def test_multirun_writes_one_result_per_strategy(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = _runs(tmp_path / "outputs" / "multiruns")
-    assert len(runs) == 2
-    strategies = sorted(read_metrics(r)["strategy"] for r in runs)
-    assert strategies == ["full", "lora"]
-    lora = next(read_metrics(r) for r in runs if read_metrics(r)["strategy"] == "lora")
-    assert lora["trainable_percent"] < 100
+    (sweep_dir,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    runs = _runs(sweep_dir)
+    assert len(runs) == 4
+    jobs = sorted((read_metrics(r)["strategy"], read_metrics(r)["seed"]) for r in runs)
+    assert jobs == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
+    assert all(
+        read_metrics(r)["trainable_percent"] < 100 for r in runs if read_metrics(r)["strategy"] == "lora"
+    )
+
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    notebook = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
+    os.environ["NEFT_LAB_RUNS"] = str(sweep_dir)
+    try:
+        nbclient.NotebookClient(
+            notebook, timeout=120, resources={"metadata": {"path": str(REPO / "notebooks")}}
+        ).execute()
+    finally:
+        del os.environ["NEFT_LAB_RUNS"]
+    assert (sweep_dir / "compare_runs.png").stat().st_size > 1000
+    table = notebook.cells[2]["outputs"][0]["data"]["text/plain"]
+    assert "lora" in table and "full" in table
 
 
 def test_bad_input_exits_with_a_clear_message(tmp_path):

@@ -43,10 +43,18 @@ def run(cfg: DictConfig) -> float | None:
 
 def _route_lightning_logs_through_hydra() -> None:
     """Lightning installs its own console handler; drop it so each message prints once and reaches the run log."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
         lg.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdverts())
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 def _summary_line(cfg: DictConfig, summary: dict[str, Any]) -> str:

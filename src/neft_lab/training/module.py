@@ -27,7 +27,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.strategy = strategy
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.scheduler_name, self.warmup_steps = scheduler, warmup_steps
