@@ -12,7 +12,6 @@ Writes benchmarks/results/loss_head-<model>-<device>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,8 +28,12 @@ from neft_lab.training.loss import target_token_loss
 
 
 def all_position_loss(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def make_batch(vocab: int, batch: int, prompt: int, target: int, device: str) -> dict[str, torch.Tensor]:
@@ -38,7 +41,11 @@ def make_batch(vocab: int, batch: int, prompt: int, target: int, device: str) ->
     ids = torch.randint(10, vocab, (batch, prompt + target), generator=generator)
     labels = ids.clone()
     labels[:, :prompt] = IGNORE_INDEX
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+    }
 
 
 def time_steps(model, batch, loss_fn, steps: int, device: str) -> list[float]:
@@ -60,7 +67,9 @@ def time_steps(model, batch, loss_fn, steps: int, device: str) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", help="a conf/model option (tiny, gemma3_270m, ...)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
@@ -74,19 +83,32 @@ def main() -> None:
     model = model.to(args.device).train()
     batch = make_batch(model.config.vocab_size, args.batch, args.prompt, args.target, args.device)
     with torch.no_grad():
-        torch.testing.assert_close(target_token_loss(model, batch)[0], all_position_loss(model, batch), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            target_token_loss(model, batch)[0], all_position_loss(model, batch), rtol=1e-4, atol=1e-4
+        )
     results = {}
     for name, fn in (("all positions", all_position_loss), ("target positions only", target_token_loss)):
         times = time_steps(model, batch, fn, args.steps, args.device)
         results[name] = {"median_s": statistics.median(times), "steps": times}
     speedup = results["all positions"]["median_s"] / results["target positions only"]["median_s"]
-    record = {"model": args.model, "device": args.device, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "batch": args.batch, "prompt": args.prompt, "target": args.target,
-              "torch": torch.__version__, "results": results, "speedup": speedup}
+    record = {
+        "model": args.model,
+        "device": args.device,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "target": args.target,
+        "torch": torch.__version__,
+        "results": results,
+        "speedup": speedup,
+    }
     out = Path(__file__).parent / "results" / f"loss_head-{args.model}-{args.device}.json"
     atomic_write_json(out, record)
-    print(f"{args.model} on {args.device}, full fine-tuning step, batch {args.batch}x{args.prompt + args.target} "
-          f"({args.target} target tokens per row), median of {args.steps}:")
+    print(
+        f"{args.model} on {args.device}, full fine-tuning step, batch {args.batch}x{args.prompt + args.target} "
+        f"({args.target} target tokens per row), median of {args.steps}:"
+    )
     for name, r in results.items():
         print(f"  {name:<22} {r['median_s']:.3f} s")
     print(f"  speedup {speedup:.2f}x  -> {out}")

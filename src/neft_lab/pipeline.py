@@ -111,11 +111,15 @@ def _restore_best(module: CausalLMModule, trainer: L.Trainer) -> str | None:
     if missing:
         raise RuntimeError(f"checkpoint {best} holds tensors this model lacks: {sorted(missing)[:5]}")
     module.load_state_dict(state, strict=False)
+    module.strategy.sync(module.model)
     return best
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     started = time.perf_counter()
+    strategy = build_strategy(cfg.strategy)
+    ctx = StrategyContext(cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir))
+    strategy.prepare(ctx)
     model, tokenizer = load_model(cfg.model)
     base_parameters = parameter_count(model)
     task = Task.from_config(cfg.task)
@@ -224,7 +228,11 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
     if path.is_file() and path.suffix == ".ckpt":
         model, tokenizer = load_model(cfg.model)
         strategy: TrainingStrategy = build_strategy(cfg.strategy)
-        model = strategy.apply(model, StrategyContext(cfg=cfg))
+        neuron_set = (
+            path.parent.parent / "neuron_set.safetensors"
+        )  # <run>/checkpoints/x.ckpt → <run>/neuron_set
+        extras = {"neuron_set_file": neuron_set} if neuron_set.exists() else {}
+        model = strategy.apply(model, StrategyContext(cfg=cfg, extras=extras))
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         prefix = "model."
         missing = model.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=False)
@@ -233,6 +241,7 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
                 f"{path} does not fit strategy={cfg.strategy.name} on model={cfg.model.name}: "
                 f"unexpected tensors {missing.unexpected_keys[:3]}. Pass the strategy/model it was trained with."
             )
+        strategy.sync(model)
         return model, tokenizer
     raise ConfigError(
         f"ckpt={path} is not a run folder, an export folder (config.json or adapter_config.json) "

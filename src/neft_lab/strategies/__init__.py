@@ -8,8 +8,15 @@ from neft_lab.errors import ConfigError
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 from neft_lab.strategies.full import FullFineTuning
 from neft_lab.strategies.lora import LoraStrategy
+from neft_lab.strategies.neft import NeftStrategy
 
-REGISTRY: dict[str, type[TrainingStrategy]] = {"full": FullFineTuning, "lora": LoraStrategy}
+REGISTRY: dict[str, type[TrainingStrategy]] = {
+    "full": FullFineTuning,
+    "lora": LoraStrategy,
+    "neft": NeftStrategy,
+    "random_neuron": NeftStrategy,
+    "reverse_selection": NeftStrategy,
+}
 
 __all__ = ["REGISTRY", "StrategyContext", "TrainingStrategy", "build_strategy"]
 
@@ -30,6 +37,8 @@ def build_strategy(cfg: Any) -> TrainingStrategy:
         raise ConfigError(
             f"unknown strategy '{name}': choose one of {sorted(REGISTRY)} or give strategy._target_"
         )
+    if cls is NeftStrategy:
+        params["name"] = name
     try:
         return cls(**params)
     except TypeError as err:

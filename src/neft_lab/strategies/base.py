@@ -1,7 +1,9 @@
 """The strategy interface: the only code that knows how a model is made trainable.
 
-The LightningModule calls `apply` once, asks `param_groups` for the optimizer, calls
-`after_optimizer_step` after each step, and uses `trainable_state_dict` / `export` to save.
+The pipeline calls `prepare` before the model is loaded (NeFT runs its reference fine-tune there,
+so two models never share memory) and `apply` once after. The LightningModule asks `param_groups`
+for the optimizer, calls `sync` after each step and after loading a checkpoint, and uses
+`trainable_state_dict` / `export` to save.
 A new method (NeFT and its baselines) is a new subclass; the training loop does not change.
 """
 
@@ -32,6 +34,9 @@ class StrategyContext:
 class TrainingStrategy(ABC):
     name: str = "base"
 
+    def prepare(self, ctx: StrategyContext) -> None:
+        """Work that must happen before the model is loaded (e.g. NeFT's reference run)."""
+
     @abstractmethod
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         """Freeze what must not train; may wrap the model (PEFT). Returns the model to train."""
@@ -49,8 +54,8 @@ class TrainingStrategy(ABC):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        """Hook for strategies that keep trainable state outside the live weights."""
+    def sync(self, model: nn.Module) -> None:
+        """Push trainable state kept outside the live weights into them (after a step or a checkpoint load)."""
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to restore training: only the trainable tensors."""
@@ -68,7 +73,7 @@ class TrainingStrategy(ABC):
 
     @abstractmethod
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
-        """Write the trained result as a Hugging Face folder that `load_for_eval` reads back."""
+        """Write the trained result as a Hugging Face folder (or PEFT adapter) that `stage=eval` reads back."""
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:

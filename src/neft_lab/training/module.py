@@ -69,7 +69,7 @@ class CausalLMModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.strategy.after_optimizer_step(self.model)
+        self.strategy.sync(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {f"model.{k}" for k in self.strategy.trainable_state_dict(self.model)}

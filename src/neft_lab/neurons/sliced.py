@@ -1,0 +1,466 @@
+"""Neuron-sliced linear layers: train only selected rows or columns of a weight, freeze the rest.
+
+NeFT trains "neuron vectors": rows of `up_proj.weight` (a neuron's input vector) and columns of
+`down_proj.weight` (its output vector). The authors train the whole model and zero the other
+gradients, which keeps dense gradients and dense AdamW state and lets decoupled weight decay
+shrink weights that were never selected. Here only the selected vectors are parameters, so
+gradients and optimizer state cover only them and every other entry stays bit-identical.
+
+Everything works in *linear orientation*: a layer computes ``y = x A^T + b`` with ``A`` of shape
+``[out, in]``. For ``nn.Linear`` ``A = weight``; for GPT-2's ``Conv1D`` (weight stored
+``[in, out]``) ``A = weight.T``. A slice takes rows of ``A`` (``axis=0``, output units) or
+columns (``axis=1``, input units); a module gets at most one slice.
+
+Three implementations, chosen with ``impl``:
+
+- ``fused`` (fast; the S2FT / PEFT trainable-tokens form): the selected vectors live inside the
+  live weight; a custom autograd function computes the input gradient and only the slice's
+  weight gradient, saving only the activations it needs (``x[..., idx]`` for columns).
+  The slice parameter is a copy that the optimizer updates; `sync` writes it back (done lazily
+  on the next forward as well, when the parameter's version counter shows it changed).
+- ``delta``: a zero-initialised trainable delta added in the forward; no write-back, simple to
+  shard, one extra small GEMM per module.
+- ``masked``: the authors' way, kept for benchmarks — see `MaskedGrad`.
+
+Typical use::
+
+    attach(model, plans, impl="fused")
+    opt = torch.optim.AdamW([p for _, p in trainable_slices(model)], lr=2e-5)
+    ... loss.backward(); opt.step(); sync(model) ...
+    merge(model); model.save_pretrained(out)          # a plain HF checkpoint
+    # or: torch.save(delta_state(model), "delta.pt") and later apply_delta(base_model, delta)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is a dependency, but keep this module importable without it
+
+    class Conv1D(nn.Module):  # type: ignore[no-redef]
+        """Placeholder so isinstance checks work when transformers is absent."""
+
+
+IMPLS = ("fused", "delta", "masked")
+_SUFFIXES = ("indices", "vectors", "axis")
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Which units of one module train: rows (``axis=0``) or columns (``axis=1``) of ``A``.
+
+    ``indices`` is normalised to a sorted, unique, 1-D CPU ``LongTensor``; duplicates are an error
+    (they would mean one vector counted twice in a budget).
+    """
+
+    module: str
+    axis: int
+    indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1):
+            raise ValueError(
+                f"SlicePlan({self.module!r}): axis must be 0 (rows of A) or 1 (columns), got {self.axis}"
+            )
+        idx = torch.as_tensor(self.indices)
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"SlicePlan({self.module!r}): indices must be integers, got dtype {idx.dtype}")
+        if idx.ndim > 1:
+            raise ValueError(f"SlicePlan({self.module!r}): indices must be 1-D, got shape {tuple(idx.shape)}")
+        idx = idx.detach().to("cpu", torch.long).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError(f"SlicePlan({self.module!r}): no indices selected; leave the module out instead")
+        unique = torch.unique(idx, sorted=True)
+        if unique.numel() != idx.numel():
+            raise ValueError(
+                f"SlicePlan({self.module!r}): indices are not unique "
+                f"({idx.numel() - unique.numel()} duplicates)"
+            )
+        if int(unique[0]) < 0:
+            raise ValueError(f"SlicePlan({self.module!r}): negative index {int(unique[0])}")
+        object.__setattr__(self, "indices", unique)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orientation helpers
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """``A`` in linear orientation ([out, in]) as a view of the module's weight (no copy)."""
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise TypeError(f"{type(module).__name__} is neither nn.Linear nor Conv1D")
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # device types without autocast support
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# fused: slice-only weight gradient
+
+
+class _SlicedLinearFn(torch.autograd.Function):
+    """y = F.linear(x, A, b); backward gives grad_x and the gradient of the selected slice only.
+
+    ``vectors`` is an input only so autograd routes its gradient; the forward reads the values
+    from ``A`` (where `sync` keeps them). Under autocast x, A and b are cast to the autocast dtype
+    and the matmuls run with autocast off (the same math autocast would do for nn.Linear).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, vectors, indices, axis: int):  # type: ignore[override]
+        compute = _autocast_dtype(x)
+        device_type = x.device.type
+        if compute is not None:
+            with torch.autocast(device_type, enabled=False):
+                xc, wc = x.to(compute), weight.to(compute)
+                y = F.linear(xc, wc, None if bias is None else bias.to(compute))
+        else:
+            xc, wc = x, weight
+            y = F.linear(x, weight, bias)
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        saved_x = None
+        if need_v:  # rows need all of x; columns only the selected input units (the memory win)
+            saved_x = xc if axis == 0 else xc.index_select(-1, indices)
+        ctx.save_for_backward(saved_x, wc if need_x else None, indices)
+        ctx.axis, ctx.compute, ctx.device_type = axis, compute, device_type
+        ctx.x_dtype, ctx.v_dtype = x.dtype, vectors.dtype
+        ctx.b_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y):  # type: ignore[override]
+        saved_x, weight, indices = ctx.saved_tensors
+        grad_x = grad_b = grad_v = None
+        with torch.autocast(ctx.device_type, enabled=False):
+            if ctx.compute is not None:
+                grad_y = grad_y.to(ctx.compute)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.matmul(grad_y, weight).to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                gy = grad_y.reshape(-1, grad_y.shape[-1])
+                xs = saved_x.reshape(-1, saved_x.shape[-1])
+                # rows: [k, N] @ [N, in]; columns: [out, N] @ [N, k]
+                gy_t = gy.index_select(1, indices).t() if ctx.axis == 0 else gy.t()
+                grad_v = gy_t.matmul(xs).to(ctx.v_dtype)
+            if ctx.needs_input_grad[2]:  # attach freezes the bias; honour a caller who unfroze it
+                grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.b_dtype)
+        return grad_x, None, grad_b, grad_v, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# masked: the authors' dense variant
+
+
+class MaskedGrad:
+    """Gradient hook that zeroes every entry of a dense weight gradient outside the slice.
+
+    This is how the NeFT authors train (they zero the gradients after clipping, before
+    ``optimizer.step()``; this hook zeroes them as they are produced, so the clipping norm only
+    sees selected entries). Gradients and AdamW state stay dense: no memory is saved. And with
+    weight decay, AdamW's decoupled decay ``w -= lr * wd * w`` still shrinks the *non-selected*
+    entries, whose gradient is zero — so they do not stay frozen. That is why the `fused` and
+    `delta` implementations keep only the selected vectors as parameters.
+    """
+
+    def __init__(self, indices: torch.Tensor, dim: int) -> None:
+        self.indices, self.dim = indices, dim
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        idx = self.indices.to(grad.device)
+        out = torch.zeros_like(grad)
+        return out.index_copy_(self.dim, idx, grad.index_select(self.dim, idx))
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper module
+
+
+class SlicedLinear(nn.Module):
+    """Wraps an ``nn.Linear`` / ``Conv1D`` (kept as ``.base`` so `merge` can restore it).
+
+    Trainable parameter: ``vectors`` (fused: the selected slice values), ``delta`` (delta: zero at
+    start) or ``base.weight`` itself (masked). Slice shapes are in linear orientation:
+    rows ``[k, in]``, columns ``[out, k]``.
+    """
+
+    def __init__(self, base: nn.Module, axis: int, indices: torch.Tensor, impl: str) -> None:
+        super().__init__()
+        self.base, self.axis, self.impl = base, axis, impl
+        weight = linear_weight(base)
+        self.register_buffer("indices", indices.to(weight.device), persistent=True)
+        self._hook = None
+        self._synced_version = -1
+        if impl == "fused":
+            self.vectors = nn.Parameter(weight.detach().index_select(axis, self.indices).clone())
+            self._synced_version = self.vectors._version
+        elif impl == "delta":
+            shape = list(weight.shape)
+            shape[axis] = indices.numel()
+            self.delta = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        elif impl == "masked":
+            base.weight.requires_grad_(True)
+            dim = axis if isinstance(base, nn.Linear) else 1 - axis  # Conv1D stores A transposed
+            self._hook = base.weight.register_hook(MaskedGrad(self.indices, dim))
+        else:
+            raise ValueError(f"unknown impl {impl!r}: choose one of {IMPLS}")
+
+    @property
+    def weight_a(self) -> torch.Tensor:
+        return linear_weight(self.base)
+
+    def extra_repr(self) -> str:
+        kind = "rows" if self.axis == 0 else "columns"
+        return f"impl={self.impl}, {kind}={self.indices.numel()} of {self.weight_a.shape[self.axis]}"
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        if self.impl == "fused":
+            return [("vectors", self.vectors)]
+        if self.impl == "delta":
+            return [("delta", self.delta)]
+        return [("base.weight", self.base.weight)]
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """fused: copy the slice parameter into the live weight (in place, same storage)."""
+        if self.impl != "fused":
+            return
+        weight = self.weight_a
+        weight.index_copy_(self.axis, self.indices, self.vectors.detach().to(weight.dtype))
+        self._synced_version = self.vectors._version
+
+    def slice_values(self) -> torch.Tensor:
+        """The current trained vectors (A orientation), detached."""
+        with torch.no_grad():
+            if self.impl == "fused":
+                return self.vectors.detach().clone()
+            base = self.weight_a.index_select(self.axis, self.indices)
+            if self.impl == "delta":
+                return base + self.delta.detach().to(base.dtype)
+            return base.clone()
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """Fold the slice into the base weight and hand back the plain module (all frozen)."""
+        if self.impl == "fused":
+            self.sync()
+        elif self.impl == "delta":
+            weight = self.weight_a
+            weight.index_add_(self.axis, self.indices, self.delta.detach().to(weight.dtype))
+        elif self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.base.requires_grad_(False)
+        return self.base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "masked":
+            return self.base(x)
+        weight, bias = self.weight_a, self.base.bias
+        if self.impl == "fused":
+            if weight.requires_grad:
+                raise RuntimeError(
+                    "the base weight of a fused sliced module must stay frozen (its gradient would be "
+                    "dropped): train the slice parameter `vectors`, or merge() and train densely"
+                )
+            if self.vectors._version != self._synced_version:  # optimizer step or load since last sync
+                self.sync()
+            if torch.is_grad_enabled() and (self.vectors.requires_grad or x.requires_grad):
+                return _SlicedLinearFn.apply(x, weight, bias, self.vectors, self.indices, self.axis)
+            return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        if self.axis == 0:
+            return y.index_add(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
+        return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _linear_names(model: nn.Module, limit: int = 6) -> str:
+    names = [n for n, m in model.named_modules() if _is_linear(m) or isinstance(m, SlicedLinear)]
+    shown = ", ".join(names[:limit])
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return f"[{shown}{more}]" if names else "[] (the model has no nn.Linear/Conv1D layers)"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _find(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"no module named {name!r} in {type(model).__name__}; linear modules are e.g. {_linear_names(model)}"
+        ) from None
+
+
+def _wrappers(model: nn.Module) -> Iterator[tuple[str, SlicedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SlicedLinear):
+            yield name, module
+
+
+def attach(model: nn.Module, plans: list[SlicePlan], impl: str = "fused") -> None:
+    """Freeze every parameter of `model`, then make only the planned slices trainable (in place).
+
+    Everything is checked before the model is touched, so a bad plan leaves it unchanged.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: choose one of {IMPLS}")
+    if any(True for _ in _wrappers(model)):
+        raise ValueError("the model already has sliced modules: call merge(model) before attaching again")
+    seen: set[str] = set()
+    targets: list[tuple[SlicePlan, nn.Module]] = []
+    for plan in plans:
+        if plan.module in seen:
+            raise ValueError(
+                f"module {plan.module!r} is planned twice: one slice (rows XOR columns) per module"
+            )
+        seen.add(plan.module)
+        module = _find(model, plan.module)
+        if not _is_linear(module):
+            raise ValueError(
+                f"module {plan.module!r} is a {type(module).__name__}, not nn.Linear or Conv1D; "
+                f"linear modules are e.g. {_linear_names(model)}"
+            )
+        size = linear_weight(module).shape[plan.axis]
+        top = int(plan.indices[-1])
+        if top >= size:
+            kind = "rows (output units)" if plan.axis == 0 else "columns (input units)"
+            raise ValueError(
+                f"module {plan.module!r}: index {top} out of range for axis {plan.axis}: "
+                f"A has {size} {kind} (A shape {tuple(linear_weight(module).shape)})"
+            )
+        targets.append((plan, module))
+    model.requires_grad_(False)
+    for plan, module in targets:
+        _set_submodule(model, plan.module, SlicedLinear(module, plan.axis, plan.indices, impl))
+
+
+def trainable_slices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every slice parameter, named as in ``model.named_parameters()``."""
+    return [(f"{name}.{pname}", p) for name, w in _wrappers(model) for pname, p in w.trainable()]
+
+
+def sync(model: nn.Module) -> None:
+    """Push fused slice parameters into the live weights; a no-op for delta and masked.
+
+    Call it after each optimizer step and after loading a checkpoint. The forward also syncs
+    lazily when a slice parameter's version counter moved, so a forgotten call costs nothing
+    worse than a copy — but code that reads the weights directly needs it.
+    """
+    for _, wrapper in _wrappers(model):
+        wrapper.sync()
+
+
+def sync_after_step(optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """Register `sync(model)` as a post-step hook of `optimizer`; returns the removable handle."""
+    return optimizer.register_step_post_hook(lambda *_: sync(model))
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the slices into the weights and put the original nn.Linear / Conv1D modules back.
+
+    Afterwards ``model.save_pretrained`` writes a normal HF checkpoint with the original key
+    names. Every parameter stays frozen (training with these slices is over).
+    """
+    for name, wrapper in list(_wrappers(model)):
+        _set_submodule(model, name, wrapper.merged_module())
+
+
+def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A compact delta: per sliced module ``<module>.indices``, ``.vectors`` (A orientation), ``.axis``.
+
+    Vectors hold the trained *values* (not differences), so applying them is a copy that does not
+    depend on floating-point addition order. Tensors are on the CPU.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, wrapper in _wrappers(model):
+        out[f"{name}.indices"] = wrapper.indices.detach().cpu().clone()
+        out[f"{name}.vectors"] = wrapper.slice_values().cpu().contiguous()
+        out[f"{name}.axis"] = torch.tensor(wrapper.axis, dtype=torch.long)
+    return out
+
+
+def _group_delta(delta: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in delta.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix not in _SUFFIXES or not module:
+            raise ValueError(f"unexpected key {key!r} in delta: keys end in {_SUFFIXES}")
+        groups.setdefault(module, {})[suffix] = value
+    for module, parts in groups.items():
+        missing = [s for s in _SUFFIXES if s not in parts]
+        if missing:
+            raise ValueError(f"delta for module {module!r} lacks {missing}")
+    return groups
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """Write the vectors of `delta` (from `delta_state`) into a plain base model's weights.
+
+    Everything is checked first; a module that is missing, not linear, or whose shape does not
+    fit raises ValueError naming the module and the shapes, and the model is left unchanged.
+    """
+    writes: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    for module_name, parts in _group_delta(delta).items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(
+                f"delta names module {module_name!r}, which {type(model).__name__} does not have; "
+                f"its linear modules are e.g. {_linear_names(model)}"
+            ) from None
+        if isinstance(module, SlicedLinear):
+            raise ValueError(
+                f"module {module_name!r} is sliced: apply a delta to a plain model (merge first)"
+            )
+        if not _is_linear(module):
+            raise ValueError(f"module {module_name!r} is a {type(module).__name__}, not nn.Linear or Conv1D")
+        axis = int(parts["axis"])
+        indices, vectors = parts["indices"].to(torch.long).reshape(-1), parts["vectors"]
+        weight = linear_weight(module)
+        expected = list(weight.shape)
+        expected[axis] = indices.numel()
+        if axis not in (0, 1) or list(vectors.shape) != expected:
+            raise ValueError(
+                f"delta for module {module_name!r} does not fit: weight A is {tuple(weight.shape)} "
+                f"(out, in), delta vectors are {tuple(vectors.shape)} for {indices.numel()} indices on axis "
+                f"{axis}; expected {tuple(expected)}"
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[axis]):
+            raise ValueError(
+                f"delta for module {module_name!r}: indices span {int(indices.min())}..{int(indices.max())}, "
+                f"but A {tuple(weight.shape)} has {weight.shape[axis]} units on axis {axis}"
+            )
+        writes.append((weight, axis, indices.to(weight.device), vectors.to(weight.device, weight.dtype)))
+    for weight, axis, indices, vectors in writes:
+        weight.index_copy_(axis, indices, vectors)

@@ -1,0 +1,188 @@
+"""The paper's chain before NeFT training: reference full fine-tune → cosine scores → selection.
+
+The reference weights and the scores are cached under `<cache_dir>/neft/<key>/`, keyed by model,
+task data, reference steps, learning rate, batch size and seed, and built under a file lock: a
+sweep over budgets or selection methods computes them once, and concurrent jobs wait for the
+first instead of duplicating or corrupting the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neft_lab.errors import ConfigError
+from neft_lab.io import atomic_write_json
+from neft_lab.neurons.geometry import NeuronSpace
+from neft_lab.neurons.neuron_set import NeuronSet
+from neft_lab.neurons.scoring import WeightSource, cosine_scores
+from neft_lab.neurons.selection import Budget, select
+
+logger = logging.getLogger(__name__)
+
+SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")
+ALL_METHODS = (*SCORED_METHODS, "random", "from_file", "union")
+
+
+def reference_key(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that changes the reference model, hence the scores."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.pop("cache_dir", None)
+    ref = cfg.selection.reference
+    return {
+        "model": model,
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "steps": int(ref.steps),
+        "lr": float(ref.lr),
+        "batch_size": int(ref.batch_size),
+        "seed": int(cfg.seed),
+        "kinds": sorted(cfg.selection.modules),
+    }
+
+
+def cache_folder(cfg: DictConfig) -> Path:
+    key = reference_key(cfg)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    name = f"{cfg.model.name}-{cfg.task.name}-K{key['steps']}-s{key['seed']}-{digest}".replace("/", "_")
+    return Path(cfg.paths.cache_dir) / "neft" / name
+
+
+def ensure_scores(cfg: DictConfig) -> Path:
+    """Path of the cached scores for this config, running the reference fine-tune and scoring if needed."""
+    folder = cache_folder(cfg)
+    scores_file = folder / "scores.safetensors"
+    if scores_file.exists():
+        logger.info("neuron scores from cache: %s", scores_file)
+        return scores_file
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        if scores_file.exists():  # another job finished it while we waited
+            return scores_file
+        reference = _reference_model(cfg, folder)
+        started = time.perf_counter()
+        space = NeuronSpace.from_shapes(
+            _base_source(cfg).model_type, _base_source(cfg).shapes(), cfg.selection.modules
+        )
+        scores = cosine_scores(_base_source(cfg), WeightSource(reference), space)
+        tmp = folder / ".scores.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
+        tmp.replace(scores_file)
+        atomic_write_json(
+            folder / "key.json", {**reference_key(cfg), "scoring_seconds": time.perf_counter() - started}
+        )
+        if not cfg.selection.reference.keep:
+            shutil.rmtree(reference.parent, ignore_errors=True)
+    return scores_file
+
+
+_BASE_CACHE: dict[str, WeightSource] = {}
+
+
+def _base_source(cfg: DictConfig) -> WeightSource:
+    """The base weights: the model's folder on disk, or (tiny models) the model built in memory."""
+    from neft_lab.models.loading import load_model, model_folder
+
+    key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True, default=str)
+    if key not in _BASE_CACHE:
+        folder = model_folder(cfg.model)
+        if folder is None:
+            _BASE_CACHE[key] = WeightSource(load_model(cfg.model)[0])
+        else:
+            if not Path(folder).is_dir():  # a hub id: its local snapshot (downloaded when online)
+                from huggingface_hub import snapshot_download
+
+                folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors"])
+            _BASE_CACHE[key] = WeightSource(folder)
+    return _BASE_CACHE[key]
+
+
+def _reference_model(cfg: DictConfig, folder: Path) -> Path:
+    """Fine-tune the whole model for selection.reference.steps steps; returns its exported folder."""
+    export = folder / "reference" / "export"
+    if (export / "config.json").exists():
+        return export
+    from neft_lab.pipeline import run
+
+    ref = cfg.selection.reference
+    logger.info(
+        "reference run: full fine-tuning for %d steps (lr %g) to score neurons → %s",
+        ref.steps,
+        ref.lr,
+        folder,
+    )
+    derived = OmegaConf.to_container(cfg, resolve=True)
+    derived.update(
+        strategy={"name": "full"},
+        selection={"name": "none"},
+        callbacks={},
+        logger={},
+        eval={**derived["eval"], "before": False, "after": False},
+        export={"enabled": True},
+    )
+    derived["optim"]["lr"] = float(ref.lr)
+    derived["loader"]["batch_size"] = int(ref.batch_size)
+    derived["trainer"].update(
+        max_steps=int(ref.steps),
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        val_check_interval=int(ref.steps),
+    )
+    derived["paths"]["run_dir"] = str(folder / "reference")
+    run(OmegaConf.create(derived))
+    return export
+
+
+def build_neuron_set(cfg: DictConfig, model: nn.Module, total_parameters: int) -> NeuronSet:
+    """The neuron set the config asks for, checked against `model`."""
+    sel = cfg.selection
+    method = sel.get("method", sel.name)
+    if method not in ALL_METHODS:
+        raise ConfigError(f"unknown selection method '{method}': choose one of {ALL_METHODS}")
+    if method in ("from_file", "union"):
+        files = [sel.file] if method == "from_file" else list(sel.files)
+        if not all(files) or (method == "union" and len(files) < 2):
+            raise ConfigError(
+                f"selection={method} needs "
+                + (
+                    "selection.file=<set>.safetensors"
+                    if method == "from_file"
+                    else "selection.files=[a.safetensors,b.safetensors]"
+                )
+            )
+        sets = [NeuronSet.load(f) for f in files]
+        for neuron_set in sets:
+            neuron_set.check_same_space(NeuronSpace.from_model(model, neuron_set.space.kinds))
+        result = sets[0]
+        for other in sets[1:]:
+            result = result.union(other)
+        result.meta.update(method=method, files=[str(f) for f in files])
+        return result
+    space = NeuronSpace.from_model(model, sel.modules)
+    budget = Budget(sel.budget.kind, float(sel.budget.value)).parameters(space, total_parameters, model)
+    reverse = round(float(sel.reverse_share) * total_parameters) if method == "cosine_plus_reverse" else 0
+    if method == "random":
+        scores = {g.name: torch.zeros(g.count) for g in space.groups}
+    else:
+        scores = load_file(str(ensure_scores(cfg)))
+    meta = {
+        "model": {"name": cfg.model.name, "name_or_path": cfg.model.get("name_or_path")},
+        "task": cfg.task.name,
+        "budget": {"kind": sel.budget.kind, "value": float(sel.budget.value)},
+        "reference_steps": int(sel.reference.steps) if method != "random" else None,
+        "total_parameters": total_parameters,
+    }
+    neuron_set = select(scores, space, budget, method, sel.pooling, int(sel.seed), reverse, meta)
+    if method == "random":
+        neuron_set.scores = {}
+    return neuron_set

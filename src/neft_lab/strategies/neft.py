@@ -1,0 +1,117 @@
+"""NeFT: only the selected neuron vectors train (`random_neuron` and `reverse_selection` are the same
+strategy with another selection). The neuron set comes from `neft_lab.neurons.workflow`; the
+sliced layers that make only those vectors parameters come from `neft_lab.neurons.sliced`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from neft_lab.errors import ConfigError
+from neft_lab.io import atomic_dir
+from neft_lab.models.loading import parameter_count
+from neft_lab.neurons import sliced
+from neft_lab.neurons.geometry import NeuronSpace
+from neft_lab.neurons.neuron_set import NeuronSet
+from neft_lab.neurons.workflow import SCORED_METHODS, build_neuron_set, ensure_scores
+from neft_lab.strategies.base import StrategyContext, TrainingStrategy
+
+logger = logging.getLogger(__name__)
+
+
+class NeftStrategy(TrainingStrategy):
+    def __init__(
+        self, name: str = "neft", impl: str = "fused", export_merged: bool = True, export_delta: bool = True
+    ) -> None:
+        if impl not in sliced.IMPLS:
+            raise ConfigError(f"unknown strategy.impl '{impl}': choose one of {sliced.IMPLS}")
+        self.name, self.impl = name, impl
+        self.export_merged, self.export_delta = export_merged, export_delta
+        self.neuron_set: NeuronSet | None = None
+
+    def prepare(self, ctx: StrategyContext) -> None:
+        """Run (or find cached) the reference fine-tune and scores before the model to train is loaded."""
+        cfg = ctx.cfg
+        if cfg is None or cfg.selection.name == "none":
+            raise ConfigError(
+                f"strategy={self.name} needs a neuron selection: e.g. selection=cosine or "
+                "selection=from_file selection.file=<set>.safetensors"
+            )
+        if cfg.selection.get("method") in SCORED_METHODS and "neuron_set_file" not in ctx.extras:
+            ensure_scores(cfg)
+
+    def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        total = parameter_count(model)
+        if "neuron_set_file" in ctx.extras:
+            neuron_set = NeuronSet.load(ctx.extras["neuron_set_file"])
+            neuron_set.check_same_space(NeuronSpace.from_model(model, neuron_set.space.kinds))
+        else:
+            neuron_set = build_neuron_set(ctx.cfg, model, total)
+        if ctx.run_dir is not None:
+            neuron_set.save(Path(ctx.run_dir) / "neuron_set")
+        summary = neuron_set.summary(total)
+        logger.info(
+            "neuron set (%s): %s vectors, %s parameters = %.3f%% of all parameters, %.1f%% of the %s vectors",
+            neuron_set.meta.get("method"),
+            f"{summary['vectors']:,}",
+            f"{summary['parameters']:,}",
+            100 * summary["share_of_all_parameters"],
+            100 * summary["share_of_mlp_vectors"],
+            "/".join(neuron_set.space.kinds),
+        )
+        plans = [
+            sliced.SlicePlan(
+                neuron_set.space.group(name).module, neuron_set.space.group(name).linear_axis, idx
+            )
+            for name, idx in neuron_set.indices.items()
+        ]
+        sliced.attach(model, plans, self.impl)
+        self.neuron_set = neuron_set
+        return model
+
+    def trainable_named_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Every slice is a weight matrix's rows/columns: all of it decays."""
+        return [
+            {"params": [p for _, p in self.trainable_named_parameters(model)], "weight_decay": weight_decay}
+        ]
+
+    def sync(self, model: nn.Module) -> None:
+        sliced.sync(model)
+
+    def summary(self, model: nn.Module, base_parameters: int) -> dict[str, Any]:
+        out = super().summary(model, base_parameters)
+        if self.neuron_set is not None:
+            out.update(
+                impl=self.impl,
+                selection=self.neuron_set.meta.get("method"),
+                neuron_vectors=self.neuron_set.num_vectors,
+                neuron_parameters=self.neuron_set.num_parameters,
+                neuron_percent=100 * self.neuron_set.num_parameters / max(base_parameters, 1),
+                share_of_mlp_vectors=self.neuron_set.num_vectors / self.neuron_set.space.num_vectors,
+            )
+        return out
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """The compact delta (indices + trained vectors) beside the run, then the merged HF checkpoint."""
+        sliced.sync(model)
+        if self.export_delta:
+            tmp = out_dir.parent / ".neft_delta.safetensors.tmp"
+            save_file(
+                {k: v.contiguous() for k, v in sliced.delta_state(model).items()},
+                str(tmp),
+                metadata={"format": "neft_lab.delta", "strategy": self.name},
+            )
+            tmp.replace(out_dir.parent / "neft_delta.safetensors")
+        if self.export_merged:
+            sliced.merge(model)  # the model keeps evaluating identically, now as plain layers
+            with atomic_dir(out_dir) as tmp_dir:
+                model.save_pretrained(tmp_dir, safe_serialization=True)
+                tokenizer.save_pretrained(tmp_dir)
+        return out_dir
