@@ -35,6 +35,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
     return [
         "experiment=smoke",
         "logger=none",
+        "resume=false",  # tests reuse one run folder for several runs; each must start afresh
         f"paths.run_dir={tmp_path / 'run'}",
         f"paths.cache_dir={tmp_path / 'cache'}",
         "trainer.enable_progress_bar=false",
@@ -61,3 +62,17 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+class CrashAtStep:
+    """A Lightning callback that kills training at a given step (for resume tests): `+callbacks.crash._target_=conftest.CrashAtStep`."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Crash(L.Callback):
+            def on_train_batch_end(self, trainer, *args, **kwargs):
+                if trainer.global_step >= step:
+                    raise RuntimeError(f"simulated crash at step {step}")
+
+        return _Crash()

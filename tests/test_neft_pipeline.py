@@ -161,3 +161,18 @@ def test_concurrent_jobs_share_one_reference(tmp_path):
     assert sum("reference run: full fine-tuning" in out for out in outputs) == 1
     (cache,) = (tmp_path / "cache" / "neft").iterdir()
     assert (cache / "scores.safetensors").exists() and not list(cache.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("impl", ["fused", "delta"])
+def test_neft_with_gradient_checkpointing_and_bf16(tiny_overrides, tmp_path, impl):
+    run_dir = _neft(
+        tiny_overrides,
+        tmp_path,
+        "strategy=random_neuron",
+        f"strategy.impl={impl}",
+        "model.gradient_checkpointing=true",
+        "trainer.precision=bf16-mixed",
+    )
+    metrics = read_metrics(run_dir)
+    assert metrics["impl"] == impl and metrics["train"]["steps"] == 30
+    assert metrics["train"]["best_val_loss"] < 6.0  # finite, and below a random model's ln(512) ≈ 6.24

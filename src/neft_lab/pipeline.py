@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from neft_lab import tracking
 from neft_lab.data.datamodule import TaskDataModule
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
@@ -24,14 +27,19 @@ from neft_lab.training.module import CausalLMModule
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fit", "eval")
+STAGES = ("fit", "eval", "report")
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run the configured stage; returns the main test metric (for Hydra sweepers)."""
     if cfg.stage not in STAGES:
         raise ConfigError(f"unknown stage '{cfg.stage}': choose one of {STAGES}")
+    if cfg.stage == "report":  # reads finished runs back: no model, no seeding, no run folder of its own
+        from neft_lab.report import report
+
+        return report(cfg)
     _route_lightning_logs_through_hydra()
+    cfg = _config_of_resumed_run(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -39,6 +47,27 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return fit(cfg, run_dir) if cfg.stage == "fit" else evaluate_saved(cfg, run_dir)
+
+
+def _config_of_resumed_run(cfg: DictConfig) -> DictConfig:
+    """`resume=<run folder>`: continue that run, in that folder, with the config it was started with."""
+    mode = str(cfg.get("resume", "auto"))
+    if mode.lower() in ("auto", "false", "none", "never"):
+        return cfg
+    folder = Path(mode).expanduser()
+    if not (folder / "config.yaml").exists():
+        raise ConfigError(f"resume={mode}: not a run folder (no config.yaml there)")
+    saved = OmegaConf.load(folder / "config.yaml")
+    saved.paths.run_dir = str(folder)
+    saved.resume = str(folder)
+    return saved
+
+
+# Our training sampler resumes mid-epoch from the restored global step (data/datamodule.py), which
+# Lightning cannot see; its warning about non-resumable loaders does not apply.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 def _route_lightning_logs_through_hydra() -> None:
@@ -115,10 +144,32 @@ def _restore_best(module: CausalLMModule, trainer: L.Trainer) -> str | None:
     return best
 
 
+def _is_global_rank_zero() -> bool:
+    """Before the Trainer exists, the launcher's environment tells which process this is."""
+    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Continue from <run>/checkpoints/last.ckpt when the run folder has one (resume=auto or a run folder)."""
+    mode = str(cfg.get("resume", "auto")).lower()
+    if mode in ("false", "none", "never"):
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        logger.info("resuming from %s", last)
+        return str(last)
+    if mode != "auto":
+        raise ConfigError(f"resume={cfg.resume}: no checkpoint at {last} to resume from")
+    return None
+
+
 def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     started = time.perf_counter()
     strategy = build_strategy(cfg.strategy)
+    resume_from = _resume_checkpoint(cfg, run_dir)
     ctx = StrategyContext(cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir))
+    if resume_from and (run_dir / "neuron_set.safetensors").exists():  # resume with the very same neurons
+        ctx.extras["neuron_set_file"] = run_dir / "neuron_set.safetensors"
     strategy.prepare(ctx)
     model, tokenizer = load_model(cfg.model)
     base_parameters = parameter_count(model)
@@ -133,22 +184,21 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
         seed=cfg.seed,
     )
     datamodule.setup()
-    strategy = build_strategy(cfg.strategy)
-    ctx = StrategyContext(
-        cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir), datamodule=datamodule
-    )
+    ctx.datamodule = datamodule
     model = strategy.apply(model, ctx)
     summary = strategy.summary(model, base_parameters)
     logger.info("%s\nrun dir: %s", _summary_line(cfg, summary), run_dir)
 
     results: dict[str, Any] = {"model": cfg.model.name, "task": task.name, "seed": cfg.seed, **summary}
-    if cfg.eval.before:
+    if cfg.eval.before and _is_global_rank_zero():  # other ranks of a distributed launch would only repeat it
         results["before"], _ = _evaluate_split(cfg, model, encoder, datamodule, "before fine-tuning")
 
     module = CausalLMModule(model, strategy, **OmegaConf.to_container(cfg.optim, resolve=True))
     trainer = build_trainer(cfg, run_dir)
+    stats = tracking.attach_run_stats(trainer)
+    tracking.log_run_start(trainer, cfg, summary, getattr(strategy, "neuron_set", None))
     train_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     best = _restore_best(module, trainer)
     results["train"] = {
         "steps": trainer.global_step,
@@ -156,7 +206,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
         "final_loss": _metric(trainer, "train/loss"),
         "best_val_loss": _best_score(trainer),
         "best_checkpoint": best,
+        **stats.summary(),  # median step seconds and tokens/s, peak memory
     }
+    tracking.log_run_end(trainer, results["train"])
     if cfg.export.enabled:
         strategy.export(model, tokenizer, run_dir / "export")
         results["export"] = str(run_dir / "export")
@@ -169,6 +221,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
                 {f"test/{k}": v for k, v in results["after"].items() if isinstance(v, (int, float))},
                 step=trainer.global_step,
             )
+        tracking.log_predictions(trainer, rows, int(cfg.eval.get("log_predictions", 20)))
     results["wall_seconds"] = round(time.perf_counter() - started, 2)
     atomic_write_json(run_dir / "metrics.json", results)
     _finish_loggers(trainer)

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+logger = logging.getLogger(__name__)
+
+# row key → config key: what a run was asked to do, beside what metrics.json says it did
+SETTINGS = {
+    "stage": "stage",
+    "strategy_name": "strategy.name",
+    "task_kind": "task.kind",
+    "experiment_name": "experiment_name",
+    "selection_name": "selection.name",
+    "selection_method": "selection.method",
+    "budget_kind": "selection.budget.kind",
+    "budget_value": "selection.budget.value",
+    "reverse_share": "selection.reverse_share",
+    "selection_file": "selection.file",
+    "budget_share": "budget",  # the top-level budget (LoRA r=match matches it)
+}
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Every `metrics.json` under `root`, flattened (`after.bleu` → `after_bleu`), with its run's key settings."""
+    """Every `metrics.json` under `root`, flattened (`after.bleu` → `after_bleu`), with its run's key settings.
+
+    A `metrics.json` that cannot be parsed is skipped with a warning (runs write it atomically, so
+    this is a file edited or copied by hand).
+    """
     rows = []
     for metrics_file in sorted(Path(root).rglob("metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            logger.warning("skipping %s: not readable JSON (%s)", metrics_file, err)
+            continue
+        if not isinstance(metrics, dict):
+            logger.warning("skipping %s: not a JSON object", metrics_file)
+            continue
         row: dict[str, Any] = {"run_dir": str(metrics_file.parent)}
         for key, value in metrics.items():
             if isinstance(value, dict):
@@ -25,12 +54,23 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
             cfg = OmegaConf.load(config_file)
             row.update(
                 {
-                    "lr": cfg.optim.lr,
-                    "steps_configured": cfg.trainer.max_steps,
-                    "batch_size": cfg.loader.batch_size,
+                    "lr": OmegaConf.select(cfg, "optim.lr"),
+                    "steps_configured": OmegaConf.select(cfg, "trainer.max_steps"),
+                    "batch_size": OmegaConf.select(cfg, "loader.batch_size"),
                 }
             )
-            if "r" in cfg.strategy:
+            if "strategy" in cfg and "r" in cfg.strategy:
                 row["lora_r"] = cfg.strategy.r
+            row.update(_settings(cfg))
         rows.append(row)
     return rows
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """The SETTINGS present in this run's config (older runs lack some; selection=none has no budget)."""
+    out = {}
+    for key, path in SETTINGS.items():
+        value = OmegaConf.select(cfg, path, default=None, throw_on_resolution_failure=False)
+        if value is not None:
+            out[key] = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    return out

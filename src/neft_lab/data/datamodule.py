@@ -1,9 +1,17 @@
-"""Lightning data module: loads a task's splits once, encodes them, serves training/validation batches."""
+"""Lightning data module: loads a task's splits once, encodes them, serves training/validation batches.
+
+The training order is a pure function of (seed, epoch), and a resumed run starts inside the epoch
+where its checkpoint was taken: an interrupted run sees exactly the batches an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from neft_lab.data.encoding import Encoded, PromptEncoder, TrainCollator
 from neft_lab.data.examples import Example
@@ -45,10 +53,16 @@ class TaskDataModule(L.LightningDataModule):
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
+        sampler = EpochShuffleSampler(len(self.encoded["train"]), self.seed)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.global_step:  # resuming: Lightning restored the step before asking
+            batches_per_epoch = math.ceil(len(sampler) / self.batch_size)
+            consumed = trainer.global_step * trainer.accumulate_grad_batches
+            sampler.start_at(consumed // batches_per_epoch, (consumed % batches_per_epoch) * self.batch_size)
         return DataLoader(
             self.encoded["train"],
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=False,
@@ -62,3 +76,23 @@ class TaskDataModule(L.LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation per epoch, seeded by (seed, epoch); can start part-way into an epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.skip = 0, 0
+
+    def start_at(self, epoch: int, skip: int) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)[self.skip :].tolist()
+        self.epoch, self.skip = self.epoch + 1, 0
+        yield from order

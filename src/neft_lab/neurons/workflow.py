@@ -132,11 +132,21 @@ def _reference_model(cfg: DictConfig, folder: Path) -> Path:
     )
     derived["optim"]["lr"] = float(ref.lr)
     derived["loader"]["batch_size"] = int(ref.batch_size)
+    # One process, whatever the run uses: under trainer=ddp/fsdp whichever rank takes the cache lock
+    # runs this (before any process group exists) and must not launch ranks of its own — on its own
+    # GPU, not on GPU 0, where another rank will train.
+    import os
+
+    gpu = derived["trainer"].get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
     derived["trainer"].update(
         max_steps=int(ref.steps),
         limit_val_batches=0,
         enable_checkpointing=False,
         val_check_interval=int(ref.steps),
+        devices=[local_rank % torch.cuda.device_count()] if gpu else 1,
+        num_nodes=1,
+        strategy="auto",
     )
     derived["paths"]["run_dir"] = str(folder / "reference")
     run(OmegaConf.create(derived))

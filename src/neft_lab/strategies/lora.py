@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,19 @@ from torch import nn
 from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_dir
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
+
+logger = logging.getLogger(__name__)
+
+
+def matched_rank(model: nn.Module, share: float) -> int:
+    """The LoRA rank whose parameter count is closest to `share` of all the model's parameters (the paper's matching)."""
+    from neft_lab.models.loading import parameter_count
+    from neft_lab.neurons.selection import lora_parameter_count
+
+    per_rank = lora_parameter_count(model, 1)
+    rank = max(1, round(share * parameter_count(model) / per_rank))
+    logger.info("LoRA rank %d matches a budget of %.2f%% of all parameters", rank, 100 * share)
+    return rank
 
 
 class LoraStrategy(TrainingStrategy):
@@ -24,8 +38,8 @@ class LoraStrategy(TrainingStrategy):
         bias: str = "none",
         merge_on_export: bool = False,
     ) -> None:
-        if r <= 0:
-            raise ConfigError(f"strategy.r must be a positive LoRA rank, got {r}")
+        if r != "match" and (not isinstance(r, int) or r <= 0):
+            raise ConfigError(f"strategy.r must be a positive LoRA rank or 'match', got {r!r}")
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.merge_on_export = merge_on_export

@@ -19,6 +19,7 @@ from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 from neft_lab.neurons.workflow import SCORED_METHODS, build_neuron_set, ensure_scores
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
+from neft_lab.training.distributed import launched_as_rank_zero, uses_fsdp2
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class NeftStrategy(TrainingStrategy):
                 f"strategy={self.name} needs a neuron selection: e.g. selection=cosine or "
                 "selection=from_file selection.file=<set>.safetensors"
             )
+        if self.impl != "delta" and uses_fsdp2(cfg.get("trainer")):
+            raise ConfigError(
+                f"strategy.impl={self.impl} cannot train under trainer=fsdp: FSDP2 shards the weights that "
+                "fused (and masked) change in place. Use strategy.impl=delta with trainer=fsdp, or trainer=ddp"
+            )
         if cfg.selection.get("method") in SCORED_METHODS and "neuron_set_file" not in ctx.extras:
             ensure_scores(cfg)
 
@@ -51,7 +57,7 @@ class NeftStrategy(TrainingStrategy):
             neuron_set.check_same_space(NeuronSpace.from_model(model, neuron_set.space.kinds))
         else:
             neuron_set = build_neuron_set(ctx.cfg, model, total)
-        if ctx.run_dir is not None:
+        if ctx.run_dir is not None and launched_as_rank_zero():  # every rank selects the same set
             neuron_set.save(Path(ctx.run_dir) / "neuron_set")
         summary = neuron_set.summary(total)
         logger.info(

@@ -1,0 +1,429 @@
+"""`stage=report`: the paper's Table 2 from a folder of finished runs, and a budget-vs-score plot.
+
+    python -m neft_lab stage=report report.dir=outputs/multiruns/<time>
+
+Rows are methods (Full, LoRA r=…, NeFT x%, Random x%, Reverse x%, NeFT x%+Reversed y%, …), columns
+are tasks; a cell is the test metric's mean ± sample standard deviation over the runs (seeds) of
+that method on that task, with their number. Every run is read through
+`neft_lab.results.collect_runs`. Writes `<out>/table.md`, `<out>/table.csv` and
+`<out>/budget_vs_score.png` (out defaults to `<dir>/report`) and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from neft_lab.errors import ConfigError
+from neft_lab.io import atomic_write_text
+from neft_lab.results import collect_runs
+
+logger = logging.getLogger(__name__)
+
+METRICS = {  # task kind → (metric key in metrics.json "after", column name)
+    "translation": [("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")],
+    "summarization": [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")],
+}
+MAIN_METRIC_ORDER = ("comet", "bleu", "rougeL", "chrf")  # the pipeline's main metric, in order of preference
+FAMILIES = ("Full", "LoRA", "NeFT", "NeFT+Reversed", "Random", "Reverse", "NeFT (from file)", "NeFT (union)")
+POOLED_SETTINGS = ("lr", "steps_configured", "batch_size")  # runs pooled into one cell should agree on these
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str  # one line of the plot: Full, LoRA, NeFT, Random, Reverse, ...
+    label: str  # one row of the table: "NeFT 9%", "LoRA r=8", ...
+    order: tuple = ()  # sort key within the family (budget, rank)
+
+
+@dataclass
+class Stat:
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: list[Any]) -> Stat:
+        xs = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        xs = [x for x in xs if math.isfinite(x)]
+        if not xs:
+            return cls(None, None, 0)
+        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+
+    def cell(self, digits: int = 2) -> str:
+        if self.mean is None:
+            return "–"
+        if self.std is None:
+            return f"{self.mean:.{digits}f} (n={self.n})"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})"
+
+
+@dataclass
+class Row:
+    """One method on one model: its runs by task."""
+
+    model: str
+    method: Method
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def all_runs(self) -> list[dict[str, Any]]:
+        return [r for runs in self.runs.values() for r in runs]
+
+
+# ---- runs and their method labels --------------------------------------------------------------------
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    """The training runs under `root` (stage=eval re-scores, which have no strategy, are left out)."""
+    if not root.exists():
+        raise ConfigError(f"report.dir={root} does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"report.dir={root} is not a folder")
+    rows = collect_runs(root)
+    if not rows:
+        raise ConfigError(
+            f"no metrics.json found under {root}: point report.dir at a multirun folder "
+            "(outputs/multiruns/<time>) or any folder with finished runs below it"
+        )
+    trained = [r for r in rows if r.get("strategy")]
+    if len(trained) < len(rows):
+        logger.info("report: left out %d run(s) without a strategy (stage=eval)", len(rows) - len(trained))
+    if not trained:
+        raise ConfigError(
+            f"the {len(rows)} metrics.json under {root} are all from stage=eval: no training runs"
+        )
+    return trained
+
+
+def percent(share: Any) -> str:
+    """A share of all parameters as the paper writes it: 0.09 → '9%', 0.005 → '0.5%'."""
+    return f"{100 * float(share):.3g}%"
+
+
+def budget_label(run: dict[str, Any]) -> str:
+    kind, value = run.get("budget_kind", "share"), run.get("budget_value")
+    if value is None:
+        return percent(run["neuron_percent"] / 100) if run.get("neuron_percent") is not None else ""
+    if kind == "lora_rank":
+        return f"≈LoRA r={int(value)}"
+    if kind == "vectors":
+        return f"{int(value)} vectors"
+    return percent(value)
+
+
+def method_of(run: dict[str, Any]) -> Method:
+    """The table row of a run, from its strategy, selection method, budget and LoRA rank."""
+    strategy = run.get("strategy") or run.get("strategy_name") or "?"
+    selection = run.get("selection_method") or run.get("selection")
+    value = run.get("budget_value")
+    order = (float(value),) if isinstance(value, (int, float)) else ()
+    actual = run.get("neuron_percent")
+    if strategy == "full":
+        return Method("Full", "Full")
+    if strategy == "lora":
+        r = run.get("lora_r")
+        if isinstance(r, int):
+            return Method("LoRA", f"LoRA r={r}", (r,))
+        share = run.get("budget_share")
+        return Method("LoRA", f"LoRA r={r} ({percent(share)})" if r == "match" and share else f"LoRA r={r}")
+    if selection == "cosine":
+        return Method("NeFT", f"NeFT {budget_label(run)}", order)
+    if selection == "random":
+        return Method("Random", f"Random {budget_label(run)}", order)
+    if selection == "reverse":
+        return Method("Reverse", f"Reverse {budget_label(run)}", order)
+    if selection == "cosine_plus_reverse":
+        extra = run.get("reverse_share") or 0
+        return Method("NeFT+Reversed", f"NeFT {budget_label(run)}+Reversed {percent(extra)}", (*order, extra))
+    if selection in ("from_file", "union"):
+        family = "NeFT (from file)" if selection == "from_file" else "NeFT (union)"
+        size = percent(actual / 100) if actual is not None else ""
+        return Method(family, f"{family} {size}".strip(), (actual or 0,))
+    return Method(strategy, f"{strategy} {budget_label(run)}".strip() if selection else strategy, order)
+
+
+def task_kind(runs: list[dict[str, Any]]) -> str:
+    kinds = {r.get("task_kind") for r in runs} - {None}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if any(r.get("after_bleu") is not None or r.get("after_chrf") is not None for r in runs):
+        return "translation"
+    if any(r.get("after_rougeL") is not None for r in runs):
+        return "summarization"
+    return "other"
+
+
+def task_metrics(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The metric columns of a task that at least one run has (COMET only where it was computed)."""
+    kind = task_kind(runs)
+    candidates = METRICS.get(kind) or [
+        (k.removeprefix("after_"), k.removeprefix("after_"))
+        for k in sorted({k for r in runs for k in r if k.startswith("after_")})
+        if k not in ("after_n", "after_seconds")
+    ]
+    return [(k, name) for k, name in candidates if any(r.get(f"after_{k}") is not None for r in runs)]
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+def group_rows(runs: list[dict[str, Any]]) -> list[Row]:
+    """Runs by (model, method) and task, in the paper's order: Full, LoRA, NeFT, ..."""
+    rows: dict[tuple[str, str], Row] = {}
+    for run in runs:
+        method = method_of(run)
+        model = str(run.get("model", "?"))
+        row = rows.setdefault((model, method.label), Row(model, method))
+        row.runs[str(run.get("task", "?"))].append(run)
+    ordered = sorted(
+        rows.values(), key=lambda r: (r.model, _family_rank(r.method.family), r.method.order, r.method.label)
+    )
+    for row in ordered:
+        _warn_pooled(row)
+    return ordered
+
+
+def _family_rank(family: str) -> tuple[int, str]:
+    return (FAMILIES.index(family), "") if family in FAMILIES else (len(FAMILIES), family)
+
+
+def _warn_pooled(row: Row) -> None:
+    for task, runs in row.runs.items():
+        for key in POOLED_SETTINGS:
+            values = {str(r.get(key)) for r in runs}
+            if len(values) > 1:
+                logger.warning(
+                    "report: the %d runs of '%s' on %s differ in %s (%s) and are pooled into one cell",
+                    len(runs),
+                    row.method.label,
+                    task,
+                    key,
+                    ", ".join(sorted(values)),
+                )
+        seeds = [r.get("seed") for r in runs]
+        if len(set(seeds)) < len(seeds):
+            logger.warning(
+                "report: '%s' on %s has repeated seeds %s: each run counts once",
+                row.method.label,
+                task,
+                seeds,
+            )
+
+
+@dataclass
+class Table:
+    rows: list[Row]
+    tasks: list[str]
+    metrics: dict[str, list[tuple[str, str]]]  # task → its metric columns
+    show_model: bool
+
+    def stat(self, row: Row, task: str, metric: str) -> Stat:
+        return Stat.of([r.get(f"after_{metric}") for r in row.runs.get(task, [])])
+
+    @staticmethod
+    def trainable_percent(row: Row) -> Stat:
+        return Stat.of([r.get("trainable_percent") for r in row.all_runs])
+
+    @staticmethod
+    def step_seconds(row: Row) -> float | None:
+        """The median over the row's runs of each run's median `train/step_seconds`."""
+        values = [r["train_step_seconds_median"] for r in row.all_runs if r.get("train_step_seconds_median")]
+        return statistics.median(values) if values else None
+
+    @staticmethod
+    def peak_memory_gib(row: Row) -> float | None:
+        """The largest peak over the row's runs."""
+        values = [r["train_peak_memory_bytes"] for r in row.all_runs if r.get("train_peak_memory_bytes")]
+        return max(values) / 2**30 if values else None
+
+
+def build_table(runs: list[dict[str, Any]]) -> Table:
+    rows = group_rows(runs)
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_task[str(run.get("task", "?"))].append(run)
+    tasks = sorted(by_task)
+    return Table(
+        rows=rows,
+        tasks=tasks,
+        metrics={t: task_metrics(by_task[t]) for t in tasks},
+        show_model=len({r.model for r in rows}) > 1,
+    )
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def to_markdown(table: Table) -> str:
+    header = ["method"] + (["model"] if table.show_model else [])
+    for task in table.tasks:
+        header += [f"{task} {name}" for _, name in table.metrics[task]]
+    header += ["trainable %", "step s (median)", "peak mem GiB", "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in table.rows:
+        cells = [row.method.label] + ([row.model] if table.show_model else [])
+        for task in table.tasks:
+            cells += [table.stat(row, task, key).cell() for key, _ in table.metrics[task]]
+        cells += [
+            _fmt(table.trainable_percent(row).mean, ".3g"),
+            _fmt(table.step_seconds(row), ".3g"),
+            _fmt(table.peak_memory_gib(row), ".2f"),
+            str(len(row.all_runs)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """The same table with plain numbers: `<task>/<metric>/mean|std|n` per cell."""
+    header = ["method", "family", "model"]
+    for task in table.tasks:
+        header += [f"{task}/{key}/{part}" for key, _ in table.metrics[task] for part in ("mean", "std", "n")]
+    header += ["trainable_percent", "step_seconds_median", "peak_memory_gib", "runs", "seeds"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in table.rows:
+        cells: list[Any] = [row.method.label, row.method.family, row.model]
+        for task in table.tasks:
+            for key, _ in table.metrics[task]:
+                stat = table.stat(row, task, key)
+                cells += [_num(stat.mean), _num(stat.std), stat.n]
+        seeds = sorted({r.get("seed") for r in row.all_runs}, key=str)
+        cells += [
+            _num(table.trainable_percent(row).mean),
+            _num(table.step_seconds(row)),
+            _num(table.peak_memory_gib(row)),
+            len(row.all_runs),
+            " ".join(str(s) for s in seeds),
+        ]
+        writer.writerow(cells)
+    return buffer.getvalue()
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+# ---- the plot ----------------------------------------------------------------------------------------
+def plot_metric(table: Table, task: str, requested: str | None) -> str | None:
+    """The plot's y axis for a task: report.metric if the task has it, else its main metric."""
+    keys = [k for k, _ in table.metrics[task]]
+    if requested:
+        return requested if requested in keys else None
+    return next((k for k in MAIN_METRIC_ORDER if k in keys), keys[0] if keys else None)
+
+
+def plot_budget_vs_score(table: Table, path: Path, requested: str | None = None) -> Path:
+    """Score against trainable % of all parameters (log x), one line per method family and panel per task."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+
+    ncols = min(len(table.tasks), 3)
+    nrows = math.ceil(len(table.tasks) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    order = ("NeFT", "Random", "Reverse", "LoRA", "NeFT+Reversed", "NeFT (from file)", "NeFT (union)")
+    colors = {family: f"C{i}" for i, family in enumerate(order)}  # the same colour in every report
+    names = {k: name for columns in METRICS.values() for k, name in columns}
+    for ax, task in zip(axes, table.tasks):
+        metric = plot_metric(table, task, requested)
+        ax.set_title(task)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters, % of all (log scale)")
+        for axis_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
+        if metric is None:
+            ax.text(0.5, 0.5, f"no {requested} for this task", ha="center", transform=ax.transAxes)
+            continue
+        ax.set_ylabel(names.get(metric, metric))
+        for family, points in _family_points(table, task, metric).items():
+            color = colors.setdefault(family, f"C{len(colors)}")
+            if family == "Full":
+                for _, stat in points:
+                    ax.axhline(stat.mean, linestyle="--", color="black", label="Full")
+                    if stat.std:
+                        ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
+                continue
+            points.sort(key=lambda p: p[0])
+            ax.errorbar(
+                [x for x, _ in points],
+                [s.mean for _, s in points],
+                yerr=[s.std or 0.0 for _, s in points],
+                marker="o",
+                capsize=3,
+                color=color,
+                label=family,
+            )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(table.tasks) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _atomic_savefig(fig, path)
+
+
+def _family_points(table: Table, task: str, metric: str) -> dict[str, list[tuple[float, Stat]]]:
+    """Family → (mean trainable %, score stat) for each of its rows that has this task and metric."""
+    points: dict[str, list[tuple[float, Stat]]] = defaultdict(list)
+    for row in table.rows:
+        stat = table.stat(row, task, metric)
+        x = Stat.of([r.get("trainable_percent") for r in row.runs.get(task, [])]).mean
+        if stat.mean is not None and x:
+            family = row.method.family
+            if table.show_model and family != "Full":
+                family = f"{family} ({row.model})"
+            points[family].append((x, stat))
+    return points
+
+
+def _atomic_savefig(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+def report(cfg: DictConfig) -> None:
+    settings = cfg.get("report") or {}
+    if not settings.get("dir"):
+        raise ConfigError("stage=report needs report.dir=<a multirun folder or any folder of runs>")
+    root = Path(str(settings.dir)).expanduser()
+    out = Path(str(settings.out)).expanduser() if settings.get("out") else root / "report"
+    runs = load_runs(root)
+    table = build_table(runs)
+    requested = settings.get("metric")
+    if requested and not any(requested in [k for k, _ in m] for m in table.metrics.values()):
+        known = sorted({k for m in table.metrics.values() for k, _ in m})
+        raise ConfigError(f"report.metric={requested}: no run has it; these runs have {known}")
+    markdown = to_markdown(table)
+    atomic_write_text(out / "table.md", markdown)
+    atomic_write_text(out / "table.csv", to_csv(table))
+    plot_budget_vs_score(table, out / "budget_vs_score.png", requested)
+    print(markdown, flush=True)
+    logger.info(
+        "report: %d runs, %d methods, %d task(s) → %s (table.md, table.csv, budget_vs_score.png)",
+        len(runs),
+        len(table.rows),
+        len(table.tasks),
+        out,
+    )

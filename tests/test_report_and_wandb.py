@@ -1,0 +1,256 @@
+"""`stage=report` (the paper's Table 2 from a folder of runs) and what a run logs to W&B, read back offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import read_metrics, run_cli
+from neft_lab.config import compose
+from neft_lab.errors import ConfigError
+from neft_lab.pipeline import run
+from neft_lab.report import method_of
+from neft_lab.wandb_offline import find_offline_runs, read_offline_run
+
+TINY = [
+    "experiment=smoke",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=5",
+    "eval.before=false",
+    "task.data.embedded.n_test=8",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def test_wandb_multirun_logs_config_metrics_neurons_and_predictions(tmp_path):
+    """Two Hydra jobs → two separate offline W&B runs, each holding what the run logged."""
+    done = run_cli(
+        [
+            "-m",
+            *TINY,
+            "logger=wandb",
+            "strategy=neft",
+            "seed=0,1",
+            "selection.reference.steps=5",
+            "trainer.log_every_n_steps=1",
+            "eval.log_predictions=5",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+    )
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-3000:]
+    assert "wandb run already in progress" not in printed  # job 2 did not reuse job 1's run
+    (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    offline = find_offline_runs(sweep)
+    assert [p.parent.parent.name for p in offline] == ["0", "1"]  # one W&B run per job folder
+    runs = [read_offline_run(p) for p in offline]
+    assert len({r.run_id for r in runs}) == 2
+    for seed, wb in enumerate(runs):
+        run_dir = wb.folder.parent.parent
+        metrics = read_metrics(run_dir)
+        assert wb.exit_code == 0  # wandb.finish() ran for this job
+        assert wb.group == "smoke" and wb.name == f"embedded_en_fr-neft-s{seed}"
+        assert {"neft", "embedded_en_fr", "selection:cosine", "budget:0.09"} <= set(wb.tags)
+        # the whole resolved config (as in <run>/config.yaml), plus the job's overrides
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        assert {k: v for k, v in wb.config.items() if k in saved} == saved
+        assert f"seed={seed}" in wb.config["overrides"]
+        # losses, learning rate, parameter counts, throughput, peak memory, test metrics
+        keys = wb.history_keys
+        assert {"train/loss", "val/loss", "train/trainable_parameters", "train/step_seconds_median"} <= keys
+        assert {"train/tokens_per_second_median", "train/peak_memory_gib", "test/bleu", "test/chrf"} <= keys
+        assert any(k.startswith("lr-") for k in keys)
+        assert wb.summary["train/trainable_parameters"] == metrics["trainable_parameters"]
+        assert wb.summary["test/chrf"] == pytest.approx(metrics["after"]["chrf"])
+        train = metrics["train"]
+        assert train["step_seconds_median"] > 0 and train["tokens_per_second_median"] > 0
+        assert train["peak_memory_source"] == "ru_maxrss" and train["peak_memory_bytes"] > 2**20
+        assert wb.summary["train/peak_memory_gib"] == pytest.approx(train["peak_memory_bytes"] / 2**30)
+        # the neuron set: per-matrix counts and the cosine histograms
+        per_layer = wb.table("neurons/per_layer")
+        assert per_layer["columns"] == ["group", "kind", "layer", "selected", "vectors"]
+        assert sum(row[3] for row in per_layer["data"]) == metrics["neuron_vectors"]
+        every, chosen = wb.summary["neurons/cosine_all"], wb.summary["neurons/cosine_selected"]
+        assert every["_type"] == "histogram" and sum(every["values"]) == sum(r[4] for r in per_layer["data"])
+        assert sum(chosen["values"]) == metrics["neuron_vectors"]
+        # the first eval.log_predictions predictions, as written to predictions.jsonl
+        table = wb.table("test/predictions")
+        lines = (run_dir / "predictions.jsonl").read_text().splitlines()[:5]
+        expected = [[r["source"], r["reference"], r["prediction"]] for r in map(json.loads, lines)]
+        assert table["columns"] == ["source", "reference", "prediction"] and table["data"] == expected
+
+
+def _train(tmp_path: Path, name: str, *extra: str) -> Path:
+    run_dir = tmp_path / "runs" / name
+    run(
+        compose(
+            [
+                *TINY,
+                "logger=none",
+                f"paths.run_dir={run_dir}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                *extra,
+            ]
+        )
+    )
+    return run_dir
+
+
+def test_report_over_strategies_and_seeds(tmp_path):
+    for strategy in ("full", "random_neuron"):
+        for seed in (0, 1):
+            _train(tmp_path, f"{strategy}-{seed}", f"strategy={strategy}", f"seed={seed}", "optim.lr=1e-2")
+    _train(tmp_path, "lora-0", "strategy=lora", "seed=0", "optim.lr=1e-2")
+
+    done = run_cli(["stage=report", f"report.dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "report"
+    markdown = (out / "table.md").read_text()
+    assert markdown in done.stdout  # printed as written
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| method | embedded_en_fr BLEU | embedded_en_fr chrF | trainable % |")
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == ["Full", "LoRA r=8", "Random 9%"]
+    assert (out / "budget_vs_score.png").stat().st_size > 5000
+
+    # every job is in the table, and each cell is the mean ± std over its runs' metrics.json
+    rows = {r["method"]: r for r in csv.DictReader((out / "table.csv").open())}
+    runs = [read_metrics(p) for p in sorted((tmp_path / "runs").glob("*-*"))]
+    assert sum(int(r["runs"]) for r in rows.values()) == len(runs) == 5
+    for label, strategy in (("Full", "full"), ("Random 9%", "random_neuron"), ("LoRA r=8", "lora")):
+        mine = [m for m in runs if m["strategy"] == strategy]
+        assert rows[label]["seeds"] == " ".join(str(m["seed"]) for m in mine)
+        for metric in ("bleu", "chrf"):
+            values = [m["after"][metric] for m in mine]
+            assert float(rows[label][f"embedded_en_fr/{metric}/mean"]) == pytest.approx(
+                statistics.mean(values)
+            )
+            assert int(rows[label][f"embedded_en_fr/{metric}/n"]) == len(values)
+            if len(values) > 1:
+                std = statistics.stdev(values)
+                assert float(rows[label][f"embedded_en_fr/{metric}/std"]) == pytest.approx(std)
+                assert f"{statistics.mean(values):.2f} ± {std:.2f} (n=2)" in markdown
+        assert float(rows[label]["trainable_percent"]) == pytest.approx(mine[0]["trainable_percent"])
+        step = statistics.median(m["train"]["step_seconds_median"] for m in mine)
+        assert float(rows[label]["step_seconds_median"]) == pytest.approx(step)
+
+
+def _fake_run(folder: Path, metrics: dict, **cfg) -> None:
+    """A finished run as the report sees it: metrics.json + config.yaml."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+
+
+def test_report_table_shape_labels_and_arithmetic(tmp_path):
+    """Translation and summarization columns, the paper's method labels, exact mean ± std."""
+    settings = {"optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "loader": {"batch_size": 8}}
+    methods = [
+        ("full", {"name": "none"}, {}, 100.0),
+        ("lora", {"name": "none"}, {"r": 16}, 1.5),
+        ("neft", {"name": "cosine", "method": "cosine", "budget": {"kind": "share", "value": 0.03}}, {}, 3.0),
+        ("neft", {"name": "cosine", "method": "cosine", "budget": {"kind": "share", "value": 0.09}}, {}, 9.0),
+        (
+            "random_neuron",
+            {"name": "random", "method": "random", "budget": {"kind": "share", "value": 0.09}},
+            {},
+            9.0,
+        ),
+        (
+            "reverse_selection",
+            {"name": "reverse", "method": "reverse", "budget": {"kind": "share", "value": 0.09}},
+            {},
+            9.0,
+        ),
+        (
+            "neft",
+            {
+                "name": "cosine_plus_reverse",
+                "method": "cosine_plus_reverse",
+                "reverse_share": 0.03,
+                "budget": {"kind": "share", "value": 0.06},
+            },
+            {},
+            9.0,
+        ),
+    ]
+    for i, (strategy, selection, extra, pct) in enumerate(methods):
+        for seed, bleu in ((0, 10.0 + i), (1, 14.0 + i)):
+            translation = {"bleu": bleu, "chrf": 40.0, "comet": None, "n": 8}
+            summary = {"rouge1": 30.0 + seed, "rouge2": 10.0, "rougeL": 25.0, "n": 8}
+            for task, kind, after in (
+                ("wmt_zh_en", "translation", translation),
+                ("xsum", "summarization", summary),
+            ):
+                _fake_run(
+                    tmp_path / f"{i}-{task}-{seed}",
+                    {
+                        "model": "m",
+                        "task": task,
+                        "seed": seed,
+                        "strategy": strategy,
+                        "trainable_percent": pct,
+                        "train": {"step_seconds_median": 0.1 * (seed + 1), "peak_memory_bytes": 2**30},
+                        "after": after,
+                    },
+                    task={"kind": kind},
+                    strategy={"name": strategy, **extra},
+                    selection=selection,
+                    **settings,
+                )
+    _fake_run(tmp_path / "eval-run", {"model": "m", "task": "xsum", "ckpt": "x", "after": {"rougeL": 1.0}})
+
+    run(compose(["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'out'}"]))
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    header, _, *body = markdown.splitlines()
+    assert header == (
+        "| method | wmt_zh_en BLEU | wmt_zh_en chrF | xsum ROUGE-1 | xsum ROUGE-2 | xsum ROUGE-L "
+        "| trainable % | step s (median) | peak mem GiB | runs |"
+    )  # no COMET column: no run computed it; the stage=eval run is left out
+    labels = [line.split(" | ")[0].lstrip("| ") for line in body]
+    assert labels == [
+        "Full",
+        "LoRA r=16",
+        "NeFT 3%",
+        "NeFT 9%",
+        "NeFT 6%+Reversed 3%",
+        "Random 9%",
+        "Reverse 9%",
+    ]
+    full = body[0].split(" | ")
+    assert full[1:4] == ["12.00 ± 2.83 (n=2)", "40.00 ± 0.00 (n=2)", "30.50 ± 0.71 (n=2)"]  # 10,14; 30,31
+    assert full[-4:] == ["100", "0.15", "1.00", "4 |"]
+    assert (tmp_path / "out" / "budget_vs_score.png").stat().st_size > 5000
+    # report.metric picks the plot's y axis; a metric no run has is an error
+    run(
+        compose(
+            ["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'o2'}", "report.metric=chrf"]
+        )
+    )
+    with pytest.raises(ConfigError, match="report.metric=comet: no run has it"):
+        run(compose(["stage=report", f"report.dir={tmp_path}", "report.metric=comet"]))
+
+
+def test_method_labels():
+    assert (
+        method_of({"strategy": "lora", "lora_r": "match", "budget_share": 0.09}).label == "LoRA r=match (9%)"
+    )
+    neft = {"strategy": "neft", "selection": "cosine", "budget_kind": "lora_rank", "budget_value": 256}
+    assert method_of(neft).label == "NeFT ≈LoRA r=256"
+    transfer = {"strategy": "neft", "selection_method": "from_file", "neuron_percent": 2.5}
+    assert method_of(transfer).label == "NeFT (from file) 2.5%"
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        run(compose(["stage=report", f"report.dir={tmp_path / 'missing'}"]))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no metrics.json found under"):
+        run(compose(["stage=report", f"report.dir={tmp_path / 'empty'}"]))
+    with pytest.raises(ConfigError, match="needs report.dir"):
+        run(compose(["stage=report"]))

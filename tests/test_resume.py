@@ -1,0 +1,65 @@
+"""A run killed mid-training resumes from its last checkpoint and ends with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neft_lab.config import compose
+from neft_lab.models.loading import load_pretrained
+from neft_lab.neurons.neuron_set import NeuronSet
+from neft_lab.pipeline import run
+
+STEPS = [
+    "trainer.max_steps=24",
+    "trainer.val_check_interval=5",
+    "eval.after=false",
+    "eval.before=false",
+    "task.data.embedded.n_train=96",
+    "optim.scheduler=cosine",
+    "optim.weight_decay=0.1",
+]
+
+
+def _weights(run_dir):
+    return load_pretrained(run_dir / "export", torch.float32).state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["full", "neft"])
+def test_killed_run_resumes_to_identical_weights(tmp_path, strategy):
+    base = [
+        "experiment=smoke",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "selection.reference.steps=10",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"strategy={strategy}",
+        *STEPS,
+    ]
+    if strategy == "full":
+        base.remove("selection.reference.steps=10")
+    run(compose(base + [f"paths.run_dir={tmp_path / 'whole'}"]))
+    interrupted = tmp_path / "interrupted"
+    crash = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=13"]
+    with pytest.raises(RuntimeError, match="simulated crash at step 13"):
+        run(compose(base + crash + [f"paths.run_dir={interrupted}"]))
+    assert (interrupted / "checkpoints" / "last.ckpt").exists() and not (interrupted / "export").exists()
+    last = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (
+        last["global_step"] == 10
+    )  # the last checkpoint before the crash: 2 epochs of 6 batches are not done
+    run(compose(base + [f"paths.run_dir={interrupted}"]))  # resume=auto finds last.ckpt
+    whole, resumed = _weights(tmp_path / "whole"), _weights(interrupted)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming"
+    if strategy == "neft":
+        a = NeuronSet.load(tmp_path / "whole" / "neuron_set.safetensors")
+        b = NeuronSet.load(interrupted / "neuron_set.safetensors")
+        assert a.overlap(b) == 1.0 and a.num_vectors == b.num_vectors
+
+
+def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, tiny_overrides):
+    from neft_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not a run folder"):
+        run(compose(tiny_overrides + [f"resume={tmp_path}"]))

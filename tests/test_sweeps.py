@@ -1,0 +1,91 @@
+"""Every value of every sweep axis composes into a runnable config, and the W&B sweeps match their grids."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from neft_lab.config import conf_dir, register_resolvers
+from neft_lab.strategies import build_strategy
+
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+EXTRA = {"transfer_union": ["+sets.own=own.safetensors", "+sets.other=other.safetensors"]}
+
+
+def _axes(path):
+    params = OmegaConf.load(path).hydra.sweeper.params
+    return [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+
+
+def _jobs(path):
+    return [list(job) for job in itertools.product(*_axes(path))]
+
+
+def _covering_jobs(path):
+    """Few jobs in which every value of every axis appears (composing all 60+ would take a minute)."""
+    axes = _axes(path)
+    return [[axis[i % len(axis)] for axis in axes] for i in range(max(map(len, axes)))]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_value_of_the_sweep_composes(path):
+    register_resolvers()
+    jobs = _covering_jobs(path)
+    assert len(_jobs(path)) >= 2
+    with initialize_config_dir(version_base="1.3", config_dir=str(path.parent)):
+        for job in jobs:
+            cfg = compose(
+                config_name=path.stem,
+                overrides=job
+                + EXTRA.get(path.stem, [])
+                + [f"hydra.searchpath=[file://{conf_dir()}]", "paths.run_dir=/tmp/x"],
+            )
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            strategy = build_strategy(cfg.strategy)
+            if strategy.name in ("neft", "random_neuron", "reverse_selection"):
+                assert resolved["selection"]["name"] != "none"
+                if "budget=" in " ".join(job):
+                    assert resolved["selection"]["budget"]["value"] == float(
+                        job[[j.split("=")[0] for j in job].index("budget")].split("=")[1]
+                    )
+            if strategy.name == "lora" and path.stem == "budget_lora":
+                assert strategy.r == "match"
+
+
+def test_budget_grid_is_the_papers():
+    jobs = _jobs(REPO / "sweeps" / "budget_neft.yaml")
+    budgets = sorted({float(j.split("=")[1]) for job in jobs for j in job if j.startswith("budget=")})
+    assert budgets == [0.004, 0.015, 0.03, 0.06, 0.09]
+    assert len(jobs) == 3 * 5 * 2
+
+
+@pytest.mark.parametrize("name", ["budget_neft", "budget_lora", "selection_ablation"])
+def test_wandb_sweep_matches_the_hydra_grid(name):
+    wandb_sweep = yaml.safe_load((REPO / "sweeps" / "wandb" / f"{name}.yaml").read_text())
+    assert (
+        wandb_sweep["command"][2:4] == ["-m", "neft_lab"] and "${args_no_hyphens}" in wandb_sweep["command"]
+    )
+    hydra_params = OmegaConf.load(REPO / "sweeps" / f"{name}.yaml").hydra.sweeper.params
+    for key, values in hydra_params.items():
+        grid = wandb_sweep["parameters"][key]["values"]
+        assert [str(v) for v in grid] == str(values).split(","), key
+
+
+def test_lora_rank_matches_the_budget():
+    from neft_lab.models.loading import parameter_count
+    from neft_lab.models.tiny import build_tiny_model
+    from neft_lab.neurons.selection import lora_parameter_count
+    from neft_lab.strategies.lora import matched_rank
+
+    model, _ = build_tiny_model("llama", hidden_size=128, intermediate_size=512)
+    for share in (0.015, 0.09):
+        rank = matched_rank(model, share)
+        best = min(
+            range(1, 200), key=lambda r: abs(lora_parameter_count(model, r) - share * parameter_count(model))
+        )
+        assert rank == best
