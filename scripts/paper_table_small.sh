@@ -3,11 +3,12 @@
 # full fine-tuning, LoRA at the matched rank, NeFT 3/6/9 %, random 9 %, reverse 9 %, two seeds; then the report.
 #
 #   DATA=../shared/data OUT=outputs/paper_small bash scripts/paper_table_small.sh        # on a CUDA GPU
-#   STEPS=20 TEST=16 TRAINER=cpu bash scripts/paper_table_small.sh                       # a CPU dry run of the grid
+#   MODEL=tiny STEPS=4 REF_STEPS=4 TEST=4 BATCH=4 TRAINER=cpu EXTRA=threads=1 bash scripts/paper_table_small.sh  # CPU dry run
 #
-# Knobs (environment): DATA, OUT, STEPS (training steps), REF_STEPS (reference fine-tune), TEST (test sentences),
-# SEEDS, TRAINER (gpu|cpu), BATCH, LR, LORA_LR. Writes $OUT/report/table.md, table.csv and budget_vs_score.png.
+# Knobs (environment): MODEL (a conf/model option), DATA, OUT, STEPS (training steps), REF_STEPS (reference fine-tune), TEST (test sentences),
+# SEEDS, TRAINER (gpu|cpu), BATCH, LR, LORA_LR, EXTRA (more overrides, e.g. "threads=1"). Writes $OUT/report/table.md, table.csv and budget_vs_score.png.
 set -euo pipefail
+MODEL=${MODEL:-gemma3_270m}
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-outputs/paper_small}
 STEPS=${STEPS:-600}
@@ -20,12 +21,12 @@ LR=${LR:-2e-5}
 LORA_LR=${LORA_LR:-2e-4}
 
 common=(
-  model=gemma3_270m trainer="$TRAINER" logger=csv "seed=$SEEDS" task=wmt_zh_en,wmt_en_zh
+  model="$MODEL" trainer="$TRAINER" logger=csv "seed=$SEEDS" task=wmt_zh_en,wmt_en_zh
   "task.data.train_dir=$DATA/wmt18-20_zh_en_train" "task.data.test_dir=$DATA/wmt21_zh_en"
   "task.data.max_test=$TEST" task.truncate_source=true "trainer.max_steps=$STEPS"
   "trainer.val_check_interval=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" "loader.batch_size=$BATCH"
-  "selection.reference.steps=$REF_STEPS" "selection.reference.lr=$LR" "selection.reference.batch_size=$BATCH"
-  experiment_name=paper_small
+  "++selection.reference.steps=$REF_STEPS" "++selection.reference.lr=$LR" "++selection.reference.batch_size=$BATCH"
+  experiment_name=paper_small ${EXTRA:-}
 )
 python -m neft_lab -m "${common[@]}" strategy=full "optim.lr=$LR" "hydra.sweep.dir=$OUT/full"
 python -m neft_lab -m "${common[@]}" strategy=lora strategy.r=match budget=0.09 "optim.lr=$LORA_LR" "hydra.sweep.dir=$OUT/lora"

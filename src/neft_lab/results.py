@@ -59,8 +59,8 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                     "batch_size": OmegaConf.select(cfg, "loader.batch_size"),
                 }
             )
-            if "strategy" in cfg and "r" in cfg.strategy:
-                row["lora_r"] = cfg.strategy.r
+            if "strategy" in cfg and "r" in cfg.strategy and not isinstance(row.get("lora_r"), int):
+                row["lora_r"] = cfg.strategy.r  # metrics.json holds the rank actually used (r=match resolves it)
             row.update(_settings(cfg))
         rows.append(row)
     return rows

@@ -47,6 +47,8 @@ class LoraStrategy(TrainingStrategy):
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
+        if self.r == "match":
+            self.r = matched_rank(model, float(ctx.cfg.budget))
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -65,6 +67,9 @@ class LoraStrategy(TrainingStrategy):
                 f"strategy.target_modules={self.target_modules} does not fit this model ({err}); "
                 f"its linear layers are named {names}"
             ) from err
+
+    def summary(self, model: nn.Module, base_parameters: int) -> dict[str, Any]:
+        return {**super().summary(model, base_parameters), "lora_r": self.r}
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
         """The adapter (small) by default; a merged full checkpoint with merge_on_export=true."""
