@@ -226,7 +226,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     atomic_write_json(run_dir / "metrics.json", results)
     _finish_loggers(trainer)
     _print_outcome(results, run_dir)
-    return _main_metric(results.get("after"), task)
+    return _main_metric(results.get("after"))
 
 
 def _metric(trainer: L.Trainer, key: str) -> float | None:
@@ -240,7 +240,7 @@ def _best_score(trainer: L.Trainer) -> float | None:
     return None if score is None else float(score)
 
 
-def _main_metric(metrics: dict[str, Any] | None, task: Task) -> float | None:
+def _main_metric(metrics: dict[str, Any] | None) -> float | None:
     if not metrics:
         return None
     for key in ("comet", "bleu", "rougeL", "chrf"):
@@ -320,7 +320,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:
         {"model": cfg.model.name, "task": task.name, "ckpt": str(path), "after": metrics},
     )
     _print_outcome({"after": metrics, "wall_seconds": metrics["seconds"]}, run_dir)
-    return _main_metric(metrics, task)
+    return _main_metric(metrics)
 
 
 def _with_run_config(cfg: DictConfig, path: Path) -> DictConfig:

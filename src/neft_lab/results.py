@@ -60,7 +60,9 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                 }
             )
             if "strategy" in cfg and "r" in cfg.strategy and not isinstance(row.get("lora_r"), int):
-                row["lora_r"] = cfg.strategy.r  # metrics.json holds the rank actually used (r=match resolves it)
+                row["lora_r"] = (
+                    cfg.strategy.r
+                )  # metrics.json holds the rank actually used (r=match resolves it)
             row.update(_settings(cfg))
         rows.append(row)
     return rows

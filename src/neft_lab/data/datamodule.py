@@ -56,7 +56,9 @@ class TaskDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(len(self.encoded["train"]), self.seed)
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.global_step:  # resuming: Lightning restored the step before asking
-            per_step = self.batch_size * trainer.world_size  # under DDP, Lightning deals the order out rank by rank
+            per_step = (
+                self.batch_size * trainer.world_size
+            )  # under DDP, Lightning deals the order out rank by rank
             batches_per_epoch = math.ceil(len(sampler) / per_step)
             consumed = trainer.global_step * trainer.accumulate_grad_batches
             sampler.start_at(consumed // batches_per_epoch, (consumed % batches_per_epoch) * per_step)

@@ -71,10 +71,9 @@ def ensure_scores(cfg: DictConfig) -> Path:
             return scores_file
         reference = _reference_model(cfg, folder)
         started = time.perf_counter()
-        space = NeuronSpace.from_shapes(
-            _base_source(cfg).model_type, _base_source(cfg).shapes(), cfg.selection.modules
-        )
-        scores = cosine_scores(_base_source(cfg), WeightSource(reference), space)
+        base = _base_source(cfg)
+        space = NeuronSpace.from_shapes(base.model_type, base.shapes(), cfg.selection.modules)
+        scores = cosine_scores(base, WeightSource(reference), space)
         tmp = folder / ".scores.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
         tmp.replace(scores_file)
