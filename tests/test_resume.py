@@ -63,3 +63,42 @@ def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, tiny_overri
 
     with pytest.raises(ConfigError, match="not a run folder"):
         run(compose(tiny_overrides + [f"resume={tmp_path}"]))
+
+
+def test_killed_ddp_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    """The same with 2 gloo processes: each rank restarts at its own place in the epoch."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from conftest import REPO, run_cli
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))  # the subprocesses import conftest.CrashAtStep
+    common = [
+        "experiment=smoke",
+        "logger=none",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false",
+        *STEPS,
+    ]
+    assert run_cli([*common, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path).returncode == 0
+    crashed = run_cli(
+        [
+            *common,
+            f"hydra.run.dir={tmp_path / 'int'}",
+            "+callbacks.crash._target_=conftest.CrashAtStep",
+            "+callbacks.crash.step=13",
+        ],
+        cwd=tmp_path,
+    )
+    assert crashed.returncode != 0 and "simulated crash at step 13" in crashed.stderr
+    resumed = run_cli([*common, f"hydra.run.dir={tmp_path / 'int'}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr + resumed.stdout
+    whole = load_file(str(tmp_path / "whole" / "export" / "model.safetensors"))
+    again = load_file(str(tmp_path / "int" / "export" / "model.safetensors"))
+    assert all(torch.equal(whole[k], again[k]) for k in whole)

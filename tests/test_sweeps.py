@@ -96,8 +96,22 @@ def test_lora_match_trains_with_the_matched_rank(tiny_overrides, tmp_path):
     from neft_lab.config import compose
     from neft_lab.pipeline import run
 
-    run(compose(tiny_overrides + ["strategy=lora", "strategy.r=match", "budget=0.09", "trainer.max_steps=2",
-                                  "trainer.val_check_interval=1", "eval.before=false", "task.data.embedded.n_test=4"]))
+    run(
+        compose(
+            tiny_overrides
+            + [
+                "strategy=lora",
+                "strategy.r=match",
+                "budget=0.09",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=1",
+                "eval.before=false",
+                "task.data.embedded.n_test=4",
+            ]
+        )
+    )
     metrics = read_metrics(tmp_path / "run")
     assert isinstance(metrics["lora_r"], int) and metrics["lora_r"] > 1
-    assert abs(metrics["trainable_percent"] - 9.0) < 2.0  # within one rank step of the budget on the tiny model
+    assert (
+        abs(metrics["trainable_percent"] - 9.0) < 2.0
+    )  # within one rank step of the budget on the tiny model

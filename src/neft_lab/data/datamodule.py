@@ -53,15 +53,13 @@ class TaskDataModule(L.LightningDataModule):
         return self.splits[split]
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.encoded["train"]), self.seed)
         trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochShuffleSampler(len(self.encoded["train"]), self.seed, rank, world)
         if trainer is not None and trainer.global_step:  # resuming: Lightning restored the step before asking
-            per_step = (
-                self.batch_size * trainer.world_size
-            )  # under DDP, Lightning deals the order out rank by rank
-            batches_per_epoch = math.ceil(len(sampler) / per_step)
+            batches_per_epoch = math.ceil(len(sampler) / self.batch_size)
             consumed = trainer.global_step * trainer.accumulate_grad_batches
-            sampler.start_at(consumed // batches_per_epoch, (consumed % batches_per_epoch) * per_step)
+            sampler.start_at(consumed // batches_per_epoch, (consumed % batches_per_epoch) * self.batch_size)
         return DataLoader(
             self.encoded["train"],
             batch_size=self.batch_size,
@@ -82,20 +80,24 @@ class TaskDataModule(L.LightningDataModule):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch, seeded by (seed, epoch); can start part-way into an epoch."""
+    """A fresh permutation per epoch, seeded by (seed, epoch), dealt out to the ranks of a distributed run
+    (so Lightning must not wrap it: `use_distributed_sampler: false`); can start part-way into an epoch."""
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
         self.epoch, self.skip = 0, 0
 
     def start_at(self, epoch: int, skip: int) -> None:
+        """Begin in `epoch`, after this rank's first `skip` samples (those were trained on before a restart)."""
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.world)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.skip :].tolist()
+        order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: len(self) * self.world - self.size]  # pad so every rank gets as many samples
+        mine = order[self.rank :: self.world][self.skip :]
         self.epoch, self.skip = self.epoch + 1, 0
-        yield from order
+        yield from mine
