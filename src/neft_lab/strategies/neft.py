@@ -79,9 +79,6 @@ class NeftStrategy(TrainingStrategy):
         self.neuron_set = neuron_set
         return model
 
-    def trainable_named_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Every slice is a weight matrix's rows/columns: all of it decays."""
         return [
