@@ -113,9 +113,10 @@ def test_report_over_strategies_and_seeds(tmp_path):
     out = tmp_path / "runs" / "report"
     markdown = (out / "table.md").read_text()
     assert markdown in done.stdout  # printed as written
-    lines = markdown.splitlines()
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| method | embedded_en_fr BLEU | embedded_en_fr chrF | trainable % |")
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == ["Full", "LoRA r=8", "Random 9%"]
+    assert "\nBLEU (sacreBLEU): `nrefs:1|case:mixed|eff:no|tok:13a|" in markdown  # which BLEU the cells are
     assert (out / "budget_vs_score.png").stat().st_size > 5000
 
     # every job is in the table, and each cell is the mean ± std over its runs' metrics.json
@@ -207,7 +208,10 @@ def test_report_table_shape_labels_and_arithmetic(tmp_path):
 
     run(compose(["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'out'}"]))
     markdown = (tmp_path / "out" / "table.md").read_text()
-    header, _, *body = markdown.splitlines()
+    header, _, *body = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert markdown.endswith(
+        "\nBLEU (sacreBLEU): not recorded (scored before signatures were: cased, tok zh or 13a)\n"
+    )
     assert header == (
         "| method | wmt_zh_en BLEU | wmt_zh_en chrF | xsum ROUGE-1 | xsum ROUGE-2 | xsum ROUGE-L "
         "| trainable % | step s (median) | peak mem GiB | runs |"
@@ -244,6 +248,11 @@ def test_method_labels():
     assert method_of(neft).label == "NeFT ≈LoRA r=256"
     transfer = {"strategy": "neft", "selection_method": "from_file", "neuron_percent": 2.5}
     assert method_of(transfer).label == "NeFT (from file) 2.5%"
+    # dense partial fine-tunes are named by what they train (metrics.json "trains"), each its own family
+    assert method_of({"strategy": "ft_embed", "trains": ["embed"]}).label == "FT-embed"
+    in_out = method_of({"strategy": "ft_in_out", "selection_name": "none", "trains": ["up", "down"]})
+    assert (in_out.family, in_out.label) == ("FT-{in,out}", "FT-{in,out}")
+    assert method_of({"strategy": "mine", "trains": ["gate", "up", "down"]}).label == "FT-{gate,in,out}"
 
 
 def test_report_errors(tmp_path):

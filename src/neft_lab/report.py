@@ -2,9 +2,10 @@
 
     python -m neft_lab stage=report report.dir=outputs/multiruns/<time>
 
-Rows are methods (Full, LoRA r=…, NeFT x%, Random x%, Reverse x%, NeFT x%+Reversed y%, …), columns
-are tasks; a cell is the test metric's mean ± sample standard deviation over the runs (seeds) of
-that method on that task, with their number. Every run is read through
+Rows are methods (Full, FT-embed, FT-{in,out}, LoRA r=…, NeFT x%, Random x%, Reverse x%,
+NeFT x%+Reversed y%, …), columns are tasks; a cell is the test metric's mean ± sample standard
+deviation over the runs (seeds) of that method on that task, with their number. A line under the
+table gives the sacreBLEU signature(s) of the BLEU columns (cased or lowercased, tokenizer). Every run is read through
 `neft_lab.results.collect_runs`. Writes `<out>/table.md`, `<out>/table.csv` and
 `<out>/budget_vs_score.png` (out defaults to `<dir>/report`) and prints the Markdown table.
 """
@@ -36,7 +37,18 @@ METRICS = {  # task kind → (metric key in metrics.json "after", column name)
     "summarization": [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")],
 }
 MAIN_METRIC_ORDER = ("comet", "bleu", "rougeL", "chrf")  # the pipeline's main metric, in order of preference
-FAMILIES = ("Full", "LoRA", "NeFT", "NeFT+Reversed", "Random", "Reverse", "NeFT (from file)", "NeFT (union)")
+FAMILIES = (
+    "Full",
+    "FT-embed",
+    "FT-{in,out}",
+    "LoRA",
+    "NeFT",
+    "NeFT+Reversed",
+    "Random",
+    "Reverse",
+    "NeFT (from file)",
+    "NeFT (union)",
+)
 POOLED_SETTINGS = ("lr", "steps_configured", "batch_size")  # runs pooled into one cell should agree on these
 
 
@@ -130,6 +142,9 @@ def method_of(run: dict[str, Any]) -> Method:
     actual = run.get("neuron_percent")
     if strategy == "full":
         return Method("Full", "Full")
+    if isinstance(run.get("trains"), list) and run["trains"]:  # strategies/partial.py: whole matrices
+        label = partial_label(run["trains"])
+        return Method(label, label)
     if strategy == "lora":
         r = run.get("lora_r")
         if isinstance(r, int):
@@ -152,6 +167,12 @@ def method_of(run: dict[str, Any]) -> Method:
     return Method(strategy, f"{strategy} {budget_label(run)}".strip() if selection else strategy, order)
 
 
+def partial_label(parts: list[str]) -> str:
+    """The paper's name for a dense partial fine-tune: [embed] → FT-embed, [up, down] → FT-{in,out}."""
+    names = [{"up": "in", "down": "out"}.get(str(p), str(p)) for p in parts]
+    return f"FT-{names[0]}" if len(names) == 1 else "FT-{" + ",".join(names) + "}"
+
+
 def task_kind(runs: list[dict[str, Any]]) -> str:
     kinds = {r.get("task_kind") for r in runs} - {None}
     if len(kinds) == 1:
@@ -168,7 +189,9 @@ def task_metrics(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
     kind = task_kind(runs)
     candidates = METRICS.get(kind) or [
         (k.removeprefix("after_"), k.removeprefix("after_"))
-        for k in sorted({k for r in runs for k in r if k.startswith("after_")})
+        for k in sorted(
+            {k for r in runs for k, v in r.items() if k.startswith("after_") and not isinstance(v, str)}
+        )
         if k not in ("after_n", "after_seconds")
     ]
     return [(k, name) for k, name in candidates if any(r.get(f"after_{k}") is not None for r in runs)]
@@ -224,6 +247,7 @@ class Table:
     tasks: list[str]
     metrics: dict[str, list[tuple[str, str]]]  # task → its metric columns
     show_model: bool
+    bleu_signatures: dict[str, dict[str, int]] = field(default_factory=dict)  # see bleu_signatures()
 
     def stat(self, row: Row, task: str, metric: str) -> Stat:
         return Stat.of([r.get(f"after_{metric}") for r in row.runs.get(task, [])])
@@ -256,7 +280,45 @@ def build_table(runs: list[dict[str, Any]]) -> Table:
         tasks=tasks,
         metrics={t: task_metrics(by_task[t]) for t in tasks},
         show_model=len({r.model for r in rows}) > 1,
+        bleu_signatures=bleu_signatures(runs),
     )
+
+
+UNSIGNED = ""  # runs scored before metrics.json recorded the signature: cased BLEU, tokenizer zh or 13a
+
+
+def bleu_signatures(runs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """sacreBLEU signature → task → number of runs with BLEU scored that way, so the report says which BLEU it shows.
+
+    Lowercased and cased BLEU (or two tokenizers) are different numbers; a task whose runs
+    disagree pools incomparable scores into one cell, which is logged as a warning.
+    """
+    found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for run in runs:
+        if run.get("after_bleu") is not None:
+            found[str(run.get("after_bleu_signature") or UNSIGNED)][str(run.get("task", "?"))] += 1
+    for task in sorted({t for tasks in found.values() for t in tasks}):
+        kinds = sorted(sig or "not recorded" for sig, tasks in found.items() if task in tasks)
+        if len(kinds) > 1:
+            logger.warning("report: the BLEU of %s pools runs scored differently: %s", task, "; ".join(kinds))
+    return {sig: dict(tasks) for sig, tasks in found.items()}
+
+
+def bleu_note(signatures: dict[str, dict[str, int]]) -> str:
+    """The line under the table that says which BLEU it shows (or, when runs differ, which run used which)."""
+
+    def name(sig: str) -> str:
+        return f"`{sig}`" if sig else "not recorded (scored before signatures were: cased, tok zh or 13a)"
+
+    if not signatures:
+        return ""
+    if len(signatures) == 1:
+        return f"BLEU (sacreBLEU): {name(next(iter(signatures)))}\n"
+    lines = ["BLEU (sacreBLEU): the runs used different signatures:"]
+    for sig, tasks in sorted(signatures.items()):
+        where = ", ".join(f"{t} ({n} run{'s' if n > 1 else ''})" for t, n in sorted(tasks.items()))
+        lines.append(f"- {name(sig)}: {where}")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -280,7 +342,8 @@ def to_markdown(table: Table) -> str:
             str(len(row.all_runs)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = bleu_note(table.bleu_signatures)
+    return "\n".join(lines) + "\n" + (f"\n{note}" if note else "")
 
 
 def to_csv(table: Table) -> str:

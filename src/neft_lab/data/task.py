@@ -33,6 +33,8 @@ class Task:
     max_target_tokens: int = 128
     max_new_tokens: int = 128
     truncate_source: bool = False
+    # case-insensitive BLEU (`sacrebleu --lowercase`), as the paper's authors scored
+    bleu_lowercase: bool = False
     data: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -63,6 +65,7 @@ class Task:
             max_target_tokens=int(raw["max_target_tokens"]),
             max_new_tokens=int(raw["max_new_tokens"]),
             truncate_source=bool(raw.get("truncate_source", False)),
+            bleu_lowercase=_flag(raw, "bleu_lowercase"),
             data=dict(raw.get("data") or {}),
         )
 
@@ -155,6 +158,14 @@ class Task:
                 else []
             )
         return splits
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    """A true/false task setting; `bool("false")` would be True, so anything else is refused."""
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"task {raw.get('name')}: task.{key} must be true or false, got {value!r}")
+    return value
 
 
 def _has_split(folder: Path, split: str, source_lang: str, target_lang: str) -> bool:

@@ -30,7 +30,13 @@ def evaluate(
     sources = [e.source for e in examples]
     references = [e.target for e in examples]
     metrics = score(
-        encoder.task.metrics, sources, predictions, references, encoder.task.target_lang, comet_model
+        encoder.task.metrics,
+        sources,
+        predictions,
+        references,
+        encoder.task.target_lang,
+        comet_model,
+        bleu_lowercase=encoder.task.bleu_lowercase,
     )
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     rows = [
@@ -40,7 +46,9 @@ def evaluate(
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    shown = {k: v for k, v in metrics.items() if k not in ("n", "seconds") and v is not None}
+    shown = {  # scores only: not the BLEU signature string
+        k: v for k, v in metrics.items() if k not in ("n", "seconds") and isinstance(v, (int, float))
+    }
     return (
         "  ".join(f"{k}={v:.2f}" for k, v in shown.items())
         + f"  (n={metrics.get('n')}, {metrics.get('seconds')} s)"

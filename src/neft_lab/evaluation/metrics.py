@@ -15,10 +15,25 @@ def bleu_tokenizer(target_lang: str) -> str:
     return "zh" if target_lang == "zh" else "13a"
 
 
-def bleu(predictions: list[str], references: list[str], target_lang: str = "en") -> float:
-    import sacrebleu
+def bleu_with_signature(
+    predictions: list[str], references: list[str], target_lang: str = "en", lowercase: bool = False
+) -> tuple[float, str]:
+    """sacreBLEU corpus BLEU and its signature (`nrefs:1|case:lc|eff:no|tok:zh|...`), which says which BLEU it is.
 
-    return float(sacrebleu.corpus_bleu(predictions, [references], tokenize=bleu_tokenizer(target_lang)).score)
+    `lowercase=True` is `sacrebleu --lowercase`, the paper authors' setting; the signature is
+    only known once the metric has scored (it counts the references).
+    """
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(tokenize=bleu_tokenizer(target_lang), lowercase=lowercase)
+    result = metric.corpus_score(predictions, [references])
+    return float(result.score), str(metric.get_signature())
+
+
+def bleu(
+    predictions: list[str], references: list[str], target_lang: str = "en", lowercase: bool = False
+) -> float:
+    return bleu_with_signature(predictions, references, target_lang, lowercase)[0]
 
 
 def chrf(predictions: list[str], references: list[str]) -> float:
@@ -82,14 +97,17 @@ def score(
     references: list[str],
     target_lang: str,
     comet_model: str = "Unbabel/wmt22-comet-da",
+    bleu_lowercase: bool = False,
 ) -> dict[str, Any]:
-    """Every metric the task names, as a flat dict."""
+    """Every metric the task names, as a flat dict; BLEU comes with its sacreBLEU signature (`bleu_signature`)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     results: dict[str, Any] = {"n": len(predictions)}
     for name in metrics:
         if name == "bleu":
-            results["bleu"] = bleu(predictions, references, target_lang)
+            results["bleu"], results["bleu_signature"] = bleu_with_signature(
+                predictions, references, target_lang, bleu_lowercase
+            )
         elif name == "chrf":
             results["chrf"] = chrf(predictions, references)
         elif name == "rouge":

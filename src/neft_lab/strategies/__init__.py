@@ -9,6 +9,7 @@ from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 from neft_lab.strategies.full import FullFineTuning
 from neft_lab.strategies.lora import LoraStrategy
 from neft_lab.strategies.neft import NeftStrategy
+from neft_lab.strategies.partial import PartialFineTuning
 
 REGISTRY: dict[str, type[TrainingStrategy]] = {
     "full": FullFineTuning,
@@ -16,6 +17,8 @@ REGISTRY: dict[str, type[TrainingStrategy]] = {
     "neft": NeftStrategy,
     "random_neuron": NeftStrategy,
     "reverse_selection": NeftStrategy,
+    "ft_embed": PartialFineTuning,  # the paper's FT-embed: the input embedding only
+    "ft_in_out": PartialFineTuning,  # the paper's FT-{in,out}: every MLP up_proj and down_proj weight
 }
 
 __all__ = ["REGISTRY", "StrategyContext", "TrainingStrategy", "build_strategy"]
@@ -37,7 +40,7 @@ def build_strategy(cfg: Any) -> TrainingStrategy:
         raise ConfigError(
             f"unknown strategy '{name}': choose one of {sorted(REGISTRY)} or give strategy._target_"
         )
-    if cls is NeftStrategy:
+    if cls in (NeftStrategy, PartialFineTuning):  # one class behind several names: it records which
         params["name"] = name
     try:
         return cls(**params)
