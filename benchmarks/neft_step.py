@@ -250,6 +250,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(args)
     total = parameter_count(model)
     model, info = setup_method(model, args.worker, args)
+    if args.master_dtype == "float32":
+        from neft_lab.training.precision import keep_trainable_in
+
+        keep_trainable_in(model, torch.float32)
+    half = getattr(torch, args.dtype) in (torch.bfloat16, torch.float16) and args.master_dtype == "float32"
+    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=half)
     planned = info.pop("planned", None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
@@ -262,7 +268,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = loss_fn(model, batch, args)
+        with autocast:
+            loss = loss_fn(model, batch, args)
         loss.backward()
         if planned is not None:  # masked_all: the authors zero every gradient outside the selected vectors
             for name, param in model.named_parameters():
@@ -384,6 +391,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads (default: 1 for tiny, all cores otherwise)"
     )
+    parser.add_argument(
+        "--master-dtype",
+        choices=("none", "float32"),
+        default="none",
+        help="float32: trainable tensors in float32 (what `python -m neft_lab` trains with) and, for a bf16 "
+        "model, bf16 autocast; none: every tensor in --dtype (the kernels alone, as DESIGN's anchors)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -425,6 +439,7 @@ def main() -> None:
         else platform.processor() or platform.machine(),
         "threads": args.threads if args.device == "cpu" else None,
         "dtype": args.dtype,
+        "master_dtype": args.master_dtype,
         "batch": args.batch,
         "seq": args.seq,
         "layers": args.layers,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Table 2 in small: Gemma-3-270M on WMT zh→en and en→zh (train: WMT18-20 newstest, test: WMT21),
-# full fine-tuning, LoRA at the matched rank, NeFT 3/6/9 %, random 9 %, reverse 9 %, two seeds; then the report.
+# full fine-tuning, LoRA at the matched rank, NeFT 3/6/9/12 %, random 9 %, reverse 9 %, FT-embed, FT-{in,out},
+# two seeds, with the paper's optimizer settings (the defaults: docs/fidelity.md); then the report.
 #
 #   DATA=../shared/data OUT=outputs/paper_small bash scripts/paper_table_small.sh        # on a CUDA GPU
 #   MODEL=tiny STEPS=4 REF_STEPS=4 TEST=4 BATCH=4 TRAINER=cpu EXTRA=threads=1 bash scripts/paper_table_small.sh  # CPU dry run
@@ -12,7 +13,7 @@ MODEL=${MODEL:-gemma3_270m}
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-outputs/paper_small}
 STEPS=${STEPS:-600}
-REF_STEPS=${REF_STEPS:-200}
+REF_STEPS=${REF_STEPS:-$STEPS}   # the paper's M_FT runs as long as the NeFT run
 TEST=${TEST:-500}
 SEEDS=${SEEDS:-0,1}
 TRAINER=${TRAINER:-gpu}
@@ -30,6 +31,7 @@ common=(
 )
 python -m neft_lab -m "${common[@]}" strategy=full "optim.lr=$LR" "hydra.sweep.dir=$OUT/full"
 python -m neft_lab -m "${common[@]}" strategy=lora strategy.r=match budget=0.09 "optim.lr=$LORA_LR" "hydra.sweep.dir=$OUT/lora"
-python -m neft_lab -m "${common[@]}" strategy=neft budget=0.03,0.06,0.09 "optim.lr=$LR" "hydra.sweep.dir=$OUT/neft"
+python -m neft_lab -m "${common[@]}" strategy=neft budget=0.03,0.06,0.09,0.12 "optim.lr=$LR" "hydra.sweep.dir=$OUT/neft"
 python -m neft_lab -m "${common[@]}" strategy=random_neuron,reverse_selection budget=0.09 "optim.lr=$LR" "hydra.sweep.dir=$OUT/controls"
+python -m neft_lab -m "${common[@]}" strategy=ft_embed,ft_in_out "optim.lr=$LR" "hydra.sweep.dir=$OUT/dense_baselines"
 python -m neft_lab stage=report "report.dir=$OUT"

@@ -60,8 +60,8 @@ def test_every_value_of_the_sweep_composes(path):
 def test_budget_grid_is_the_papers():
     jobs = _jobs(REPO / "sweeps" / "budget_neft.yaml")
     budgets = sorted({float(j.split("=")[1]) for job in jobs for j in job if j.startswith("budget=")})
-    assert budgets == [0.004, 0.015, 0.03, 0.06, 0.09]
-    assert len(jobs) == 3 * 5 * 2
+    assert budgets == [0.004, 0.015, 0.03, 0.06, 0.09, 0.12]
+    assert len(jobs) == 3 * 6 * 2
 
 
 @pytest.mark.parametrize("name", ["budget_neft", "budget_lora", "selection_ablation"])

@@ -45,11 +45,20 @@ def basename(path: str) -> str:
     return str(path).rstrip("/").rsplit("/", 1)[-1]
 
 
+def budget_share(value: object) -> float:
+    """`${neft_lab.budget_share:${budget}}`: 0.09 stays 0.09, `paper_9` becomes the paper's 150,000-vector share."""
+    from neft_lab.neurons.selection import budget_share as share
+
+    return share(value)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("neft_lab.wandb_offline"):
         OmegaConf.register_new_resolver("neft_lab.wandb_offline", wandb_offline, use_cache=True)
     if not OmegaConf.has_resolver("neft_lab.basename"):
         OmegaConf.register_new_resolver("neft_lab.basename", basename)
+    if not OmegaConf.has_resolver("neft_lab.budget_share"):
+        OmegaConf.register_new_resolver("neft_lab.budget_share", budget_share)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

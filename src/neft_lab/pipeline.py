@@ -24,6 +24,7 @@ from neft_lab.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
 from neft_lab.training.module import CausalLMModule
+from neft_lab.training.precision import check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     started = time.perf_counter()
+    check_precision(cfg.model.dtype, cfg.trainer.precision, cfg.optim.get("master_dtype"))
     strategy = build_strategy(cfg.strategy)
     resume_from = _resume_checkpoint(cfg, run_dir)
     ctx = StrategyContext(cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir))

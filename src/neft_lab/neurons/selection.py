@@ -17,8 +17,34 @@ from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 
 METHODS = ("cosine", "reverse", "random", "cosine_plus_reverse")
+
+# The paper's budgets are counts of Llama-2-7B's 4096-long vectors: "NeFT 9%" = 150,000 vectors =
+# 614.4M parameters = 9.118% of its 6,738,415,616 parameters (a share of 0.09 gives 148,060 vectors).
+# `budget=paper_9` asks for that share; `paper_<x>` = x/9 × 150,000 vectors (paper_6: 100,000).
+LLAMA2_7B_PARAMETERS = 6_738_415_616
+PAPER_VECTORS_AT_9 = 150_000
+LLAMA2_7B_VECTOR_LENGTH = 4096
 BUDGET_KINDS = ("share", "lora_rank", "vectors")
 POOLINGS = ("global", "per_layer")
+
+
+def budget_share(value: Any) -> float:
+    """A budget as a share of all parameters: a number (0.09) or a paper point (`paper_9`, see above)."""
+    if isinstance(value, str) and value.startswith("paper_"):
+        try:
+            percent = float(value[len("paper_") :])
+        except ValueError:
+            percent = -1.0
+        if percent <= 0:
+            raise ConfigError(f"budget={value}: paper points are paper_<percent>, e.g. paper_9 or paper_12")
+        vectors = percent / 9 * PAPER_VECTORS_AT_9
+        return vectors * LLAMA2_7B_VECTOR_LENGTH / LLAMA2_7B_PARAMETERS
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"budget={value!r}: give a share of all parameters (0.09 for 9%) or a paper point (paper_9)"
+        ) from None
 
 
 @dataclass(frozen=True)

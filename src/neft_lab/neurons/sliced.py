@@ -1,10 +1,12 @@
 """Neuron-sliced linear layers: train only selected rows or columns of a weight, freeze the rest.
 
 NeFT trains "neuron vectors": rows of `up_proj.weight` (a neuron's input vector) and columns of
-`down_proj.weight` (its output vector). The authors train the whole model and zero the other
-gradients, which keeps dense gradients and dense AdamW state and lets decoupled weight decay
-shrink weights that were never selected. Here only the selected vectors are parameters, so
-gradients and optimizer state cover only them and every other entry stays bit-identical.
+`down_proj.weight` (its output vector). The authors set `requires_grad` on every up/down weight
+(everything else frozen), clip on the norm of those dense gradients, then zero the non-selected
+entries before `optimizer.step()`: dense gradients and dense AdamW state for 41% of Llama-2-7B, and
+decoupled weight decay (0 in the paper) would shrink up/down entries that were never selected.
+Here only the selected vectors are parameters, so gradients and optimizer state cover only them and
+every other entry stays bit-identical (their clipping norm: `neurons/dense_norm.py`).
 
 Everything works in *linear orientation*: a layer computes ``y = x A^T + b`` with ``A`` of shape
 ``[out, in]``. For ``nn.Linear`` ``A = weight``; for GPT-2's ``Conv1D`` (weight stored
@@ -177,8 +179,9 @@ class MaskedGrad:
     """Gradient hook that zeroes every entry of a dense weight gradient outside the slice.
 
     This is how the NeFT authors train (they zero the gradients after clipping, before
-    ``optimizer.step()``; this hook zeroes them as they are produced, so the clipping norm only
-    sees selected entries). Gradients and AdamW state stay dense: no memory is saved. And with
+    ``optimizer.step()``; this hook zeroes them as they are produced, so the optimizer's own norm
+    sees only selected entries, and ``optim.clip_scope=paper`` supplies the authors' dense norm
+    from `dense_norm.DenseGradNorm`). Gradients and AdamW state stay dense: no memory is saved. And with
     weight decay, AdamW's decoupled decay ``w -= lr * wd * w`` still shrinks the *non-selected*
     entries, whose gradient is zero — so they do not stay frozen. That is why the `fused` and
     `delta` implementations keep only the selected vectors as parameters.
@@ -256,8 +259,9 @@ class SlicedLinear(nn.Module):
             if self.impl == "fused":
                 return self.vectors.detach().clone()
             base = self.weight_a.index_select(self.axis, self.indices)
-            if self.impl == "delta":
-                return base + self.delta.detach().to(base.dtype)
+            if self.impl == "delta":  # in the master's precision: a bf16 sum would round the update away
+                dtype = torch.promote_types(base.dtype, self.delta.dtype)
+                return base.to(dtype) + self.delta.detach().to(dtype)
             return base.clone()
 
     @torch.no_grad()
@@ -265,9 +269,9 @@ class SlicedLinear(nn.Module):
         """Fold the slice into the base weight and hand back the plain module (all frozen)."""
         if self.impl == "fused":
             self.sync()
-        elif self.impl == "delta":
+        elif self.impl == "delta":  # base + delta summed in the master's precision, rounded once
             weight = self.weight_a
-            weight.index_add_(self.axis, self.indices, self.delta.detach().to(weight.dtype))
+            weight.index_copy_(self.axis, self.indices, self.slice_values().to(weight.dtype))
         elif self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -290,9 +294,10 @@ class SlicedLinear(nn.Module):
                 return _SlicedLinearFn.apply(x, weight, bias, self.vectors, self.indices, self.axis)
             return F.linear(x, weight, bias)
         y = F.linear(x, weight, bias)
+        delta = self.delta.to(x.dtype)  # a float32 master next to a bf16 model (no-op under autocast's cast)
         if self.axis == 0:
-            return y.index_add(-1, self.indices, F.linear(x, self.delta).to(y.dtype))
-        return y + F.linear(x.index_select(-1, self.indices), self.delta).to(y.dtype)
+            return y.index_add(-1, self.indices, F.linear(x, delta).to(y.dtype))
+        return y + F.linear(x.index_select(-1, self.indices), delta).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The paper's chain before NeFT training: reference full fine-tune → cosine scores → selection.
 
-The reference weights and the scores are cached under `<cache_dir>/neft/<key>/`, keyed by model,
-task data, reference steps, learning rate, batch size and seed, and built under a file lock: a
+The reference weights and the scores are cached under `<cache_dir>/neft/<key>/`, keyed by the
+reference run's own resolved config minus what cannot change its weights (`NOT_WEIGHTS`: logging,
+evaluation, paths; the key is written to key.json), and built under a file lock: a
 sweep over budgets or selection methods computes them once, and concurrent jobs wait for the
 first instead of duplicating or corrupting the work.
 """
@@ -35,27 +36,68 @@ SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")
 ALL_METHODS = (*SCORED_METHODS, "random", "from_file", "union")
 
 
-def reference_key(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that changes the reference model, hence the scores."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    model.pop("cache_dir", None)
+# What cannot change the reference weights: logging, evaluation, checkpoints, output paths, the run's
+# own method, and the devices it happens to run on. Everything else in the reference run's resolved
+# config is part of the key, so a setting added later is keyed by default.
+# fmt: off
+NOT_WEIGHTS = (
+    "stage", "ckpt", "resume", "threads", "experiment_name", "report", "eval", "export", "logger",
+    "callbacks", "paths", "strategy", "selection", "budget", "hydra",
+    "model.cache_dir",
+    "optim.clip_scope",  # NeFT's clipping norm; the reference is a full fine-tune, where every gradient is selected
+    "task.stop", "task.metrics", "task.max_new_tokens", "task.bleu_lowercase",
+    "task.data.test_dir", "task.data.test_split", "task.data.max_test",
+    "loader.eval_batch_size", "loader.num_workers",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
+    "trainer.num_sanity_val_steps", "trainer.enable_checkpointing", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.default_root_dir",
+)
+# fmt: on
+
+
+def reference_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config of the reference run: a full fine-tune of selection.reference.steps steps."""
     ref = cfg.selection.reference
-    return {
-        "model": model,
-        "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "steps": int(ref.steps),
-        "lr": float(ref.lr),
-        "batch_size": int(ref.batch_size),
-        "seed": int(cfg.seed),
-        "kinds": sorted(cfg.selection.modules),
-    }
+    derived = OmegaConf.to_container(cfg, resolve=True)
+    derived.update(
+        strategy={"name": "full"},
+        selection={"name": "none"},
+        callbacks={},
+        logger={},
+        eval={**derived["eval"], "before": False, "after": False},
+        export={"enabled": True},
+    )
+    derived["optim"]["lr"] = float(ref.lr)
+    derived["loader"]["batch_size"] = int(ref.batch_size)
+    derived["trainer"].update(
+        max_steps=int(ref.steps),
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        val_check_interval=int(ref.steps),
+    )
+    return derived
+
+
+def reference_key(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that changes the reference weights (hence the scores), plus the kinds that are scored."""
+    key = reference_config(cfg)
+    for dotted in NOT_WEIGHTS:
+        *parents, leaf = dotted.split(".")
+        node = key
+        for part in parents:
+            node = node.get(part) or {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    key["kinds"] = sorted(cfg.selection.modules)
+    return key
 
 
 def cache_folder(cfg: DictConfig) -> Path:
     key = reference_key(cfg)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    name = f"{cfg.model.name}-{cfg.task.name}-K{key['steps']}-s{key['seed']}-{digest}".replace("/", "_")
-    return Path(cfg.paths.cache_dir) / "neft" / name
+    name = f"{cfg.model.name}-{cfg.task.name}-K{key['trainer']['max_steps']}-s{key['seed']}-{digest}"
+    return Path(cfg.paths.cache_dir) / "neft" / name.replace("/", "_")
 
 
 def ensure_scores(cfg: DictConfig) -> Path:
@@ -71,7 +113,7 @@ def ensure_scores(cfg: DictConfig) -> Path:
             return scores_file
         reference = _reference_model(cfg, folder)
         started = time.perf_counter()
-        base = _base_source(cfg)
+        base = base_weights(cfg)
         space = NeuronSpace.from_shapes(base.model_type, base.shapes(), cfg.selection.modules)
         scores = cosine_scores(base, WeightSource(reference), space)
         tmp = folder / ".scores.safetensors.tmp"
@@ -88,7 +130,7 @@ def ensure_scores(cfg: DictConfig) -> Path:
 _BASE_CACHE: dict[str, WeightSource] = {}
 
 
-def _base_source(cfg: DictConfig) -> WeightSource:
+def base_weights(cfg: DictConfig) -> WeightSource:
     """The base weights: the model's folder on disk, or (tiny models) the model built in memory."""
     from neft_lab.models.loading import load_model, model_folder
 
@@ -120,17 +162,7 @@ def _reference_model(cfg: DictConfig, folder: Path) -> Path:
         ref.lr,
         folder,
     )
-    derived = OmegaConf.to_container(cfg, resolve=True)
-    derived.update(
-        strategy={"name": "full"},
-        selection={"name": "none"},
-        callbacks={},
-        logger={},
-        eval={**derived["eval"], "before": False, "after": False},
-        export={"enabled": True},
-    )
-    derived["optim"]["lr"] = float(ref.lr)
-    derived["loader"]["batch_size"] = int(ref.batch_size)
+    derived = reference_config(cfg)
     # One process, whatever the run uses: under trainer=ddp/fsdp whichever rank takes the cache lock
     # runs this (before any process group exists) and must not launch ranks of its own — on its own
     # GPU, not on GPU 0, where another rank will train.
@@ -139,10 +171,6 @@ def _reference_model(cfg: DictConfig, folder: Path) -> Path:
     gpu = derived["trainer"].get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
     derived["trainer"].update(
-        max_steps=int(ref.steps),
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        val_check_interval=int(ref.steps),
         devices=[local_rank % torch.cuda.device_count()] if gpu else 1,
         num_nodes=1,
         strategy="auto",

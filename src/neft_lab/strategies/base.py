@@ -57,6 +57,11 @@ class TrainingStrategy(ABC):
     def sync(self, model: nn.Module) -> None:
         """Push trainable state kept outside the live weights into them (after a step or a checkpoint load)."""
 
+    def paper_clip_modules(self, model: nn.Module) -> list[str] | None:
+        """`optim.clip_scope=paper`: modules whose whole weight gradients the authors clipped on, where that
+        differs from what trains (NeFT); None: the optimizer's parameters are that set."""
+        return None
+
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to restore training: only the trainable tensors."""
         trainable = {n for n, _ in self.trainable_named_parameters(model)}

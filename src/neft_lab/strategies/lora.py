@@ -10,6 +10,7 @@ from torch import nn
 
 from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_dir
+from neft_lab.neurons.selection import budget_share
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class LoraStrategy(TrainingStrategy):
         from peft import LoraConfig, get_peft_model
 
         if self.r == "match":
-            self.r = matched_rank(model, float(ctx.cfg.budget))
+            self.r = matched_rank(model, budget_share(ctx.cfg.budget))
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,

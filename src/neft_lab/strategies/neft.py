@@ -79,6 +79,10 @@ class NeftStrategy(TrainingStrategy):
         self.neuron_set = neuron_set
         return model
 
+    def paper_clip_modules(self, model: nn.Module) -> list[str] | None:
+        """The authors set requires_grad on every weight of the selected kinds and clip on all of them."""
+        return None if self.neuron_set is None else [g.module for g in self.neuron_set.space.groups]
+
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Every slice is a weight matrix's rows/columns: all of it decays."""
         return [

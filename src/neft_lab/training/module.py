@@ -10,7 +10,6 @@ logs what DDP synchronises; under `trainer=fsdp`
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -19,9 +18,12 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from neft_lab.errors import ConfigError
+from neft_lab.neurons.dense_norm import DenseGradNorm
 from neft_lab.strategies.base import TrainingStrategy
-from neft_lab.training import distributed
+from neft_lab.training import distributed, precision
 from neft_lab.training.loss import target_token_loss
+from neft_lab.training.precision import keep_trainable_in
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +37,18 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        scheduler: str = "constant",
+        scheduler: str = "linear",
         warmup_steps: int = 0,
+        master_dtype: str | None = "float32",
+        clip_scope: str = "selected",
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.strategy = strategy
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.scheduler_name, self.warmup_steps = scheduler, warmup_steps
+        keep_trainable_in(self.model, precision.master_dtype(master_dtype))  # float32 masters (precision.py)
+        self._dense_norm = _paper_clip_norm(self.model, strategy, clip_scope)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._step_started = 0.0
         self._tokens = 0
@@ -51,6 +57,16 @@ class CausalLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Several ranks must start alike: same neurons (each rank selects its own) and, as FSDP2 shards each
         rank's own copy (DDP broadcasts rank 0's), the same trainable values."""
+        if self._dense_norm is not None and (
+            self.trainer.world_size > 1 or self.trainer.accumulate_grad_batches > 1
+        ):
+            raise ConfigError(
+                "optim.clip_scope=paper computes the authors' dense gradient norm from one backward on one "
+                f"process (here {self.trainer.world_size} process(es), accumulate_grad_batches="
+                f"{self.trainer.accumulate_grad_batches}): gradients summed over batches or ranks have another "
+                "norm. Train on one device without accumulation (raise loader.batch_size), or use "
+                "optim.clip_scope=selected"
+            )
         if self.trainer.world_size > 1:
             fsdp = isinstance(self.trainer.strategy, ModelParallelStrategy)
             distributed.check_replicas_agree(self.model, "before training", "trainable" if fsdp else "none")
@@ -106,10 +122,25 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"strategy '{self.strategy.name}' left no trainable parameters")
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _schedule(self.scheduler_name, self.warmup_steps, total)
-        )
+        scheduler = lr_schedule(optimizer, self.scheduler_name, self.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """`optim.clip_scope=paper` on NeFT: clip by the authors' dense up/down norm; else Lightning's norm
+        over the optimizer's parameters."""
+        norm = None if self._dense_norm is None else self._dense_norm.take()
+        if norm is None or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"strategy '{self.strategy.name}' clips by norm; got {gradient_clip_algorithm}")
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -124,17 +155,25 @@ class CausalLMModule(L.LightningModule):
         checkpoint["strategy"] = self.strategy.name
 
 
-def _schedule(name: str, warmup: int, total: int):
-    """Linear warmup, then constant, linear decay or cosine decay to zero."""
-    if name not in ("constant", "linear", "cosine"):
-        raise ValueError(f"unknown optim.scheduler '{name}': choose constant, linear or cosine")
+CLIP_SCOPES = ("selected", "paper")
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        if name == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 1.0 - progress if name == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+def _paper_clip_norm(model: nn.Module, strategy: TrainingStrategy, scope: str) -> DenseGradNorm | None:
+    """The probe for `clip_scope=paper` where the authors' clipping set is not what trains (NeFT)."""
+    if scope not in CLIP_SCOPES:
+        raise ConfigError(f"unknown optim.clip_scope '{scope}': choose one of {CLIP_SCOPES}")
+    modules = strategy.paper_clip_modules(model) if scope == "paper" else None
+    return None if modules is None else DenseGradNorm(model, modules)
+
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup: int, total: int) -> Any:
+    """Hugging Face's schedules (`transformers.get_scheduler`), so `linear` with no warmup is exactly the
+    authors' (Trainer default: linear decay to 0)."""
+    from transformers import get_scheduler
+
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown optim.scheduler '{name}': choose one of {sorted(SCHEDULES)}")
+    return get_scheduler(SCHEDULES[name], optimizer, num_warmup_steps=warmup, num_training_steps=total)
