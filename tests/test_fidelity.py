@@ -420,3 +420,40 @@ def test_paper_preset_runs_end_to_end_on_the_tiny_model(tmp_path):
     metrics = read_metrics(run_dir)
     assert metrics["strategy"] == "neft" and metrics["train"]["steps"] == 4
     assert "case:lc" in metrics["after"]["bleu_signature"]
+
+
+# what docs/fidelity.md says each default is, as the text states it
+DOCUMENTED_DEFAULTS = [
+    ("selection.modules", ["up", "down"], "`selection.modules=[up, down]`"),
+    ("selection.pooling", "global", "`selection.pooling=per_layer`"),
+    ("budget", 0.09, "`budget=0.09`"),
+    ("strategy.impl", "fused", "`strategy.impl=fused`"),
+    ("trainer.gradient_clip_val", 1.0, "`trainer.gradient_clip_val=1.0`"),
+    ("optim.clip_scope", "selected", "`optim.clip_scope=selected`"),
+    ("optim.weight_decay", 0.0, "| weight decay | 0 (HF default)"),
+    ("optim.lr", 2e-5, "| learning rate | 2e-5 | 2e-5 | 2e-5 |"),
+    ("optim.betas", [0.9, 0.999], "(0.9, 0.999, 1e-8)"),
+    ("optim.eps", 1e-8, "(0.9, 0.999, 1e-8)"),
+    ("optim.scheduler", "linear", "linear decay to 0, no warmup | same"),
+    ("optim.warmup_steps", 0, "linear decay to 0, no warmup | same"),
+    ("optim.master_dtype", "float32", "`optim.master_dtype=float32`"),
+    ("loader.batch_size", 8, "`loader.batch_size=8`"),
+    ("trainer.max_steps", 200, "`trainer.max_steps=200`"),
+    ("task.bleu_lowercase", False, "`task.bleu_lowercase=true`"),
+    ("callbacks.model_checkpoint.monitor", "val/loss", "best by `val/loss`"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"), DOCUMENTED_DEFAULTS, ids=[k for k, _, _ in DOCUMENTED_DEFAULTS]
+)
+def test_defaults_are_what_docs_fidelity_says(key, value, text):
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+
+    cfg = compose(["strategy=neft", "task=wmt_zh_en"])
+    actual = OmegaConf.select(cfg, key)
+    assert (OmegaConf.to_container(actual) if OmegaConf.is_config(actual) else actual) == value
+    assert text in (REPO / "docs" / "fidelity.md").read_text()
+    assert cfg.selection.reference.steps == cfg.trainer.max_steps
