@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The reliability figures (README, "Reliability"): bad inputs tried and faults injected, and how many
+    were handled. A failing `fault` case is a lost run or a corrupted artifact."""
+    counts = {(kind, ok): 0 for kind in ("bad_input", "fault") for ok in (True, False)}
+    for status in ("passed", "failed", "error"):  # skipped cases were not tried
+        for report in terminalreporter.stats.get(status, []):
+            if getattr(report, "when", None) != "call" and status not in ("error", "failed"):
+                continue
+            for kind in ("bad_input", "fault"):
+                if kind in getattr(report, "keywords", {}):
+                    counts[(kind, status == "passed")] += 1
+    if not any(counts.values()):
+        return
+    bad_ok, bad_failed = counts[("bad_input", True)], counts[("bad_input", False)]
+    fault_ok, fault_failed = counts[("fault", True)], counts[("fault", False)]
+    terminalreporter.write_line(
+        f"reliability: {bad_ok + bad_failed} bad inputs tried, {bad_ok} refused with a one-line error; "
+        f"{fault_ok + fault_failed} faults injected, {fault_ok} recovered; "
+        f"runs lost or artifacts corrupted: {fault_failed}; bad inputs not refused cleanly: {bad_failed}"
+    )
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     """Overrides for a seconds-long in-process run of the tiny model on the embedded task."""
@@ -47,9 +71,30 @@ def compose_cfg():
     return compose
 
 
+_PORT_LOCK = threading.Lock()
+_NEXT_PORT = [29600 + (os.getpid() % 2000) * 8]
+
+
+def free_port() -> int:
+    """A distinct free port for each job this test session starts. Lightning's own choice (bind to port 0,
+    close, hand the number to the ranks) can give two jobs started together the same port, and their
+    ranks then meet the wrong rank 0 and wait forever."""
+    with _PORT_LOCK:
+        while True:
+            port = _NEXT_PORT[0]
+            _NEXT_PORT[0] += 1
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+
+
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m neft_lab ARGS` in a fresh process, as a user would type it."""
+    """`python -m neft_lab ARGS` in a fresh process, as a user would type it (a port of its own for DDP)."""
     env = {**os.environ, "WANDB_MODE": "offline", "NEFT_LAB_ROOT": str(cwd), "PYTHONUNBUFFERED": "1"}
+    env["MASTER_PORT"] = str(free_port())
     return subprocess.run(
         [sys.executable, "-m", "neft_lab", *args],
         cwd=cwd,

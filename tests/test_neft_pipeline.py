@@ -133,6 +133,7 @@ def test_neuron_set_of_another_model_is_refused(tiny_overrides, tmp_path):
         run(compose(tiny_overrides + FAST + ["strategy=random_neuron", "selection.budget.value=0.5"]))
 
 
+@pytest.mark.fault
 def test_concurrent_jobs_share_one_reference(tmp_path):
     """Two jobs of a sweep start together: one runs the reference, the other waits and reuses it."""
     args = [

@@ -25,6 +25,7 @@ def _weights(run_dir):
     return load_pretrained(run_dir / "export", torch.float32).state_dict()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("strategy", ["full", "neft"])
 def test_killed_run_resumes_to_identical_weights(tmp_path, strategy):
     base = [
@@ -65,6 +66,7 @@ def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, tiny_overri
         run(compose(tiny_overrides + [f"resume={tmp_path}"]))
 
 
+@pytest.mark.fault
 def test_killed_ddp_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     """The same with 2 gloo processes: each rank restarts at its own place in the epoch."""
     import torch.distributed as dist

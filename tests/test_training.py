@@ -43,5 +43,5 @@ def test_lora_checkpoint_holds_only_adapters(tiny_overrides, tmp_path):
 
 
 def test_unknown_stage_is_a_config_error(tiny_overrides):
-    with pytest.raises(ConfigError, match="unknown stage 'train'"):
+    with pytest.raises(ConfigError, match="stage='train': unknown stage"):
         run(compose(tiny_overrides + ["stage=train"]))

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
     """A data file is missing, empty, misaligned or not UTF-8; the message names the file and line."""
+
+
+class NonFiniteLossError(ConfigError):
+    """Training diverged: a loss became NaN or infinite; the message names the step, the value and the fix."""

@@ -12,29 +12,30 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from neft_lab import tracking
+from neft_lab import run_folder, tracking
 from neft_lab.data.datamodule import TaskDataModule
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
 from neft_lab.errors import ConfigError
 from neft_lab.evaluation.evaluate import evaluate, format_metrics
-from neft_lab.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from neft_lab.io import atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
+from neft_lab.training import checkpoints
+from neft_lab.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint
+from neft_lab.training.guards import NonFiniteGuard
 from neft_lab.training.module import CausalLMModule
-from neft_lab.training.precision import check_precision
+from neft_lab.validation import validate
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("fit", "eval", "report")
 
 
 def run(cfg: DictConfig) -> float | None:
     """Run the configured stage; returns the main test metric (for Hydra sweepers)."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"unknown stage '{cfg.stage}': choose one of {STAGES}")
+    validate(cfg)  # the whole config (stage, paths, values), before any model or data is loaded
     if cfg.stage == "report":  # reads finished runs back: no model, no seeding, no run folder of its own
         from neft_lab.report import report
 
@@ -42,8 +43,9 @@ def run(cfg: DictConfig) -> float | None:
     _route_lightning_logs_through_hydra()
     cfg = _config_of_resumed_run(cfg)
     run_dir = Path(cfg.paths.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    finished = run_folder.prepare(cfg, run_dir)
+    if finished is not None:
+        return _main_metric(finished.get("after"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -120,29 +122,41 @@ def _evaluate_split(
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints"))
+    callbacks.append(NonFiniteGuard())  # stops on NaN/inf before any checkpoint is written (guards.py)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
 
-def _restore_best(module: CausalLMModule, trainer: L.Trainer) -> str | None:
+def _restore_best(module: CausalLMModule, trainer: L.Trainer, run_dir: Path) -> str | None:
     """Load the best checkpoint's trainable tensors (best by validation loss) into the live model."""
-    callback = trainer.checkpoint_callback
-    best = getattr(callback, "best_model_path", "") if callback is not None else ""
-    if not best or not Path(best).exists():
+    monitored = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
+    best = checkpoints.best_checkpoint(
+        run_dir / "checkpoints", monitored[0].best_model_path if monitored else None
+    )
+    if best is None:
         return None
-    state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        state = checkpoints.load_checkpoint(best)["state_dict"]
+    except ConfigError as err:  # the trained weights are still in memory: keep them rather than lose the run
+        logger.warning("%s; keeping the last weights", err)
+        return None
     missing = set(state) - set(module.state_dict())
     if missing:
         raise RuntimeError(f"checkpoint {best} holds tensors this model lacks: {sorted(missing)[:5]}")
     module.load_state_dict(state, strict=False)
     module.strategy.sync(module.model)
-    return best
+    return str(best)
 
 
 def _is_global_rank_zero() -> bool:
@@ -155,18 +169,18 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     mode = str(cfg.get("resume", "auto")).lower()
     if mode in ("false", "none", "never"):
         return None
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
+    last = checkpoints.resumable_checkpoint(run_dir / "checkpoints")
+    if last is not None:
+        checkpoints.relocate(last, run_dir / "checkpoints")
         logger.info("resuming from %s", last)
         return str(last)
     if mode != "auto":
-        raise ConfigError(f"resume={cfg.resume}: no checkpoint at {last} to resume from")
+        raise ConfigError(f"resume={cfg.resume}: no checkpoint in {run_dir / 'checkpoints'} to resume from")
     return None
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     started = time.perf_counter()
-    check_precision(cfg.model.dtype, cfg.trainer.precision, cfg.optim.get("master_dtype"))
     strategy = build_strategy(cfg.strategy)
     resume_from = _resume_checkpoint(cfg, run_dir)
     ctx = StrategyContext(cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir))
@@ -197,11 +211,16 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
 
     module = CausalLMModule(model, strategy, **OmegaConf.to_container(cfg.optim, resolve=True))
     trainer = build_trainer(cfg, run_dir)
+    if trainer.checkpoint_callback is not None:
+        checkpoints.check_writable(run_dir / "checkpoints")
     stats = tracking.attach_run_stats(trainer)
     tracking.log_run_start(trainer, cfg, summary, getattr(strategy, "neuron_set", None))
     train_started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    best = _restore_best(module, trainer)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except SIGTERMException:  # Lightning stops at a step boundary and would exit 0
+        _preempted(trainer, cfg, run_dir)
+    best = _restore_best(module, trainer, run_dir)
     results["train"] = {
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - train_started, 2),
@@ -229,6 +248,24 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     _finish_loggers(trainer)
     _print_outcome(results, run_dir)
     return _main_metric(results.get("after"))
+
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a scheduler expects from a job it stopped
+
+
+def _preempted(trainer: L.Trainer, cfg: DictConfig, run_dir: Path) -> None:
+    saved = [c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.saved]
+    where = (
+        f"checkpoint {saved[0]}" if saved else "no checkpoint (nothing trained yet, or checkpoints are off)"
+    )
+    logger.error(
+        "preempted (SIGTERM) at step %d of %s: %s. Resume with: python -m neft_lab resume=%s",
+        trainer.global_step,
+        cfg.trainer.max_steps,
+        where,
+        run_dir,
+    )
+    raise SystemExit(PREEMPTED_EXIT)
 
 
 def _metric(trainer: L.Trainer, key: str) -> float | None:
@@ -288,7 +325,7 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
         )  # <run>/checkpoints/x.ckpt → <run>/neuron_set
         extras = {"neuron_set_file": neuron_set} if neuron_set.exists() else {}
         model = strategy.apply(model, StrategyContext(cfg=cfg, extras=extras))
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = checkpoints.load_checkpoint(path)["state_dict"]
         prefix = "model."
         missing = model.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=False)
         if missing.unexpected_keys:
@@ -305,11 +342,7 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:
-    if not cfg.ckpt:
-        raise ConfigError("stage=eval needs ckpt=<run folder, export folder or .ckpt file>")
-    path = Path(cfg.ckpt).expanduser()
-    if not path.exists():
-        raise ConfigError(f"ckpt={path} does not exist")
+    path = Path(cfg.ckpt).expanduser()  # validate() checked that it is given and exists
     cfg = _with_run_config(cfg, path)
     model, tokenizer = _load_for_eval(cfg, path)
     task = Task.from_config(cfg.task)

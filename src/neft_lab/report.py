@@ -16,9 +16,7 @@ import csv
 import io
 import logging
 import math
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_write_text
+from neft_lab.io import atomic_file, atomic_write_text
 from neft_lab.results import collect_runs
 
 logger = logging.getLogger(__name__)
@@ -95,12 +93,26 @@ class Row:
 
 
 # ---- runs and their method labels --------------------------------------------------------------------
-def load_runs(root: Path) -> list[dict[str, Any]]:
-    """The training runs under `root` (stage=eval re-scores, which have no strategy, are left out)."""
+def runs_folder(root: Path) -> Path:
+    """`report.dir`, which must be an existing folder."""
     if not root.exists():
         raise ConfigError(f"report.dir={root} does not exist")
     if not root.is_dir():
         raise ConfigError(f"report.dir={root} is not a folder")
+    return root
+
+
+def report_root(cfg: DictConfig) -> Path:
+    """The folder of runs `stage=report` reads (`report.dir`), checked to exist."""
+    settings = cfg.get("report") or {}
+    if not settings.get("dir"):
+        raise ConfigError("stage=report needs report.dir=<a multirun folder or any folder of runs>")
+    return runs_folder(Path(str(settings.dir)).expanduser())
+
+
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    """The training runs under `root` (stage=eval re-scores, which have no strategy, are left out)."""
+    runs_folder(root)
     rows = collect_runs(root)
     if not rows:
         raise ConfigError(
@@ -452,25 +464,15 @@ def _family_points(table: Table, task: str, metric: str) -> dict[str, list[tuple
 
 
 def _atomic_savefig(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as handle:  # the mode the umask gives, like every other artifact
+        fig.savefig(handle, format="png", dpi=120)
     return path
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
 def report(cfg: DictConfig) -> None:
     settings = cfg.get("report") or {}
-    if not settings.get("dir"):
-        raise ConfigError("stage=report needs report.dir=<a multirun folder or any folder of runs>")
-    root = Path(str(settings.dir)).expanduser()
+    root = report_root(cfg)
     out = Path(str(settings.out)).expanduser() if settings.get("out") else root / "report"
     runs = load_runs(root)
     table = build_table(runs)

@@ -8,21 +8,32 @@ alphabetical order, and keys sorting before `test/` would push the test metrics 
 Every logger receives the scalars; W&B (found among `trainer.loggers`) also gets the config, the
 neuron-set table, bar chart and cosine histograms, and a table of predictions. The CSV logger gets
 scalars only. Nothing here fails a run for want of a logger.
+
+`AppendingCSVLogger` (`logger=csv`) keeps `<run>/csv/metrics.csv` across resumes and reruns into the
+same run folder: Lightning's CSV logger deletes the file whenever its folder is not empty.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from neft_lab.io import atomic_file
 
 PREDICTION_COLUMNS = ("source", "reference", "prediction")
 
@@ -206,3 +217,75 @@ def log_predictions(trainer: L.Trainer, rows: list[dict[str, str]], n: int) -> N
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+# ---- the CSV log: append, never truncate ----------------------------------------------------------------
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger`, but `metrics.csv` is appended to, never emptied.
+
+    Lightning 2.6's writer removes `metrics.csv` as soon as its folder holds anything (every resume or
+    rerun into a run folder lost the training log) and rewrites the file in place when a new column
+    appears. Here the rows of earlier attempts stay: a resume from step S adds its rows after them. The
+    rows a killed attempt logged after its last checkpoint (steps S+1 up to the kill) are kept too, and
+    the resumed attempt logs those steps again below them: the file is an append-only record of what
+    ran (nothing that was measured is deleted), and the last row of a step is the one the final weights
+    descend from. A new column rewrites the file atomically (temporary file, then rename), earlier rows
+    getting empty cells. Local folders only (the run folder).
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes metrics.csv here; instead take the columns of the file that is there."""
+        self.metrics_keys = _csv_header(Path(self.metrics_file_path))
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        path = Path(self.metrics_file_path)
+        columns = set().union(*self.metrics)
+        if not path.is_file() or path.stat().st_size == 0:
+            self.metrics_keys = sorted(columns)
+            _atomic_write_csv(path, self.metrics_keys, self.metrics)
+        elif columns - set(self.metrics_keys):  # a new column: rewrite the whole file with the wider header
+            with open(path, newline="", encoding="utf-8") as handle:
+                earlier = list(csv.DictReader(handle))
+            self.metrics_keys = sorted(columns | set(self.metrics_keys))
+            _atomic_write_csv(path, self.metrics_keys, earlier + self.metrics)
+        else:
+            data = _csv_text(self.metrics_keys, self.metrics, header=False).encode("utf-8")
+            with open(path, "ab+") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # the last row was cut short by a kill: start a new line
+                    data = b"\r\n" + data
+                handle.write(data)
+        self.metrics = []
+
+
+def _csv_header(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _atomic_write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with atomic_file(path, "wb") as handle:
+        handle.write(_csv_text(columns, rows, header=True).encode("utf-8"))
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, Any]], header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", extrasaction="ignore")  # \r\n, as Lightning
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

@@ -39,7 +39,20 @@ def read_lines(path: Path) -> list[str]:
     lines = [line.rstrip("\r") for line in lines]
     if not lines:
         raise DataError(f"{path} is empty: it must hold one segment per line")
+    if not any(line.strip() for line in lines):
+        raise DataError(
+            f"{path} is empty: its {len(lines)} line(s) are all blank; it must hold one segment per line"
+        )
     return lines
+
+
+def data_folder(folder: str | Path, key: str) -> Path:
+    """A data folder that must exist; `key` names the setting that points at it."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        state = "is not a folder" if path.exists() else "does not exist"
+        raise DataError(f"data folder {path} {state}: point {key} at the folder that holds the split files")
+    return path
 
 
 def _field(record: dict[str, Any], dotted: str, where: str) -> str:
@@ -92,11 +105,7 @@ def read_local_split(
     folder: str | Path, split: str, source_lang: str, target_lang: str, source_field: str, target_field: str
 ) -> list[Example]:
     """`<split>.<src>` + `<split>.<tgt>` if present, else `<split>.jsonl`."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DataError(
-            f"data folder {folder} does not exist: point task.data.{split}_dir (or task.data.data_dir) at it"
-        )
+    folder = data_folder(folder, f"task.data.{split}_dir (or task.data.data_dir)")
     source_file, target_file = folder / f"{split}.{source_lang}", folder / f"{split}.{target_lang}"
     jsonl = folder / f"{split}.jsonl"
     if source_file.exists() or target_file.exists():

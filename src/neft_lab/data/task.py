@@ -61,13 +61,21 @@ class Task:
             metrics=metrics,
             target_prefix=raw.get("target_prefix", " "),
             stop=tuple(raw.get("stop") or ()),
-            max_prompt_tokens=int(raw["max_prompt_tokens"]),
-            max_target_tokens=int(raw["max_target_tokens"]),
-            max_new_tokens=int(raw["max_new_tokens"]),
+            max_prompt_tokens=_tokens(raw, "max_prompt_tokens"),
+            max_target_tokens=_tokens(raw, "max_target_tokens"),
+            max_new_tokens=_tokens(raw, "max_new_tokens"),
             truncate_source=bool(raw.get("truncate_source", False)),
             bleu_lowercase=_flag(raw, "bleu_lowercase"),
             data=dict(raw.get("data") or {}),
         )
+
+    def check_folders(self) -> None:
+        """The local folders this task would read exist (checked before any model or data is loaded)."""
+        if self.data.get("source", "auto") in ("embedded", "hub"):
+            return
+        for key in ("data_dir", "train_dir", "val_dir", "test_dir"):
+            if self.data.get(key):
+                sources.data_folder(self.data[key], f"task.data.{key}")
 
     def format_prompt(self, source: str) -> str:
         return self.prompt.format(source=source)
@@ -158,6 +166,14 @@ class Task:
                 else []
             )
         return splits
+
+
+def _tokens(raw: dict[str, Any], key: str) -> int:
+    """A token limit: a whole number >= 1."""
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"task.{key}={value!r}: a token limit must be an integer >= 1, e.g. task.{key}=256")
+    return value
 
 
 def _flag(raw: dict[str, Any], key: str) -> bool:

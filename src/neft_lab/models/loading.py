@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from neft_lab.errors import ConfigError
@@ -46,8 +47,16 @@ def load_pretrained(path: str | Path, dtype: torch.dtype, cfg: Any = None) -> Pr
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as err:
         raise ConfigError(
-            f"could not load the model '{path}' ({err}). Give a local folder with config.json and weights, "
+            f"could not load the model '{path}' ({_first_line(err)}). Give a local folder with config.json and weights, "
             "or a hub id reachable from this machine (HF_HUB_OFFLINE=1 uses only the local HF cache)."
+        ) from err
+    except (SafetensorError, RuntimeError) as err:  # truncated or damaged weights, or another model's
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise ConfigError(
+            f"could not read the weights in '{path}': they are truncated, damaged or of another model "
+            f"({_first_line(err)}). Re-create that folder (rerun the run that exported it; for a hub model, "
+            "delete its snapshot from the HF cache and download it again) or point at an intact copy."
         ) from err
 
 
@@ -55,9 +64,18 @@ def load_tokenizer(path: str | Path, cfg: Any = None) -> PreTrainedTokenizerBase
     trust = bool(_get(cfg, "trust_remote_code", False)) if cfg is not None else False
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
-    except OSError as err:
-        raise ConfigError(f"could not load the tokenizer of '{path}' ({err})") from err
+    except (OSError, ValueError, KeyError) as err:  # ValueError/KeyError: a damaged tokenizer.json
+        raise ConfigError(
+            f"could not load the tokenizer of '{path}' ({_first_line(err)}): give a folder with an intact "
+            "tokenizer (re-create a damaged export by rerunning its run)"
+        ) from err
     return ensure_pad_token(tokenizer)
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's message on one line (the CLI prints errors as one line)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -66,21 +84,28 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     return tokenizer
 
 
+def check_model_config(cfg: Any) -> str:
+    """What a model config can be checked for without loading anything: its source, dtype and, for the hub,
+    a name. Returns the source."""
+    source = _get(cfg, "source", "hub")
+    if source not in SOURCES:
+        raise ConfigError(f"unknown model.source '{source}': choose one of {SOURCES}")
+    if source == "hub" and not _get(cfg, "name_or_path"):
+        raise ConfigError("model=hub needs model.name_or_path=<hub id or local folder>")
+    torch_dtype(_get(cfg, "dtype", "float32"))
+    return source
+
+
 def model_folder(cfg: Any) -> str | None:
     """The folder or hub id a model config resolves to (None for tiny models, built in memory)."""
-    source = _get(cfg, "source", "hub")
+    source = check_model_config(cfg)
     if source == "hub":
-        path = _get(cfg, "name_or_path")
-        if not path:
-            raise ConfigError("model=hub needs model.name_or_path=<hub id or local folder>")
-        return str(path)
+        return str(_get(cfg, "name_or_path"))
     if source == "gemma_gguf":
         from neft_lab.models.gemma_gguf import gemma3_270m_folder
 
         return str(gemma3_270m_folder(_get(cfg, "cache_dir")))
-    if source == "tiny":
-        return None
-    raise ConfigError(f"unknown model.source '{source}': choose one of {SOURCES}")
+    return None
 
 
 def load_model(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

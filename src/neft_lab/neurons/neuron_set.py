@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_write_json
+from neft_lab.io import apply_umask, atomic_write_json
 from neft_lab.neurons.geometry import NeuronSpace
 
 FORMAT_VERSION = 1
@@ -103,15 +103,16 @@ class NeuronSet:
 
     # ---- fitting a model ---------------------------------------------------------------------------------
     def check_same_space(self, space: NeuronSpace, what: str = "this model") -> None:
-        mine, theirs = self.space.signature(), space.signature()
-        if self.space.model_type != space.model_type or any(
-            theirs.get(n) != s for n, s in mine.items() if n in self.indices
-        ):
+        """Refuse a space this set does not fit: the same architecture, the same number of layers, and every
+        group of the set's kinds present in both with the same [vectors, length]. The message names the first
+        difference."""
+        difference = _first_difference(self.space, space)
+        if difference:
             identity = self.meta.get("model") or {}
             model = identity.get("name_or_path") or identity.get("name") or self.space.model_type
             raise ConfigError(
                 f"this neuron set was chosen for {model} ({_describe(self.space)}), but {what} is "
-                f"{space.model_type} ({_describe(space)}): select neurons for this model instead "
+                f"{space.model_type} ({_describe(space)}): {difference}; select neurons for this model instead "
                 "(or pass the neuron set of the right model)."
             )
 
@@ -141,46 +142,94 @@ class NeuronSet:
         meta = self.metadata()
         tmp = base.with_name(f".{base.name}.safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"neft_lab": json.dumps(meta, default=str)})
+        apply_umask(tmp)  # safetensors writes 0600
         tmp.replace(base.with_suffix(".safetensors"))
         atomic_write_json(base.with_suffix(".json"), meta)
         return base.with_suffix(".safetensors")
 
     @classmethod
     def load(cls, path: str | Path) -> NeuronSet:
-        file = _base(path).with_suffix(".safetensors")
-        if not file.exists():
-            raise ConfigError(f"neuron set {file} does not exist")
-        from safetensors import safe_open
+        file = neuron_set_file(path)
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt") as handle:
-            header = (handle.metadata() or {}).get("neft_lab")
+        fix = "re-create it (rerun the selection, e.g. the run that saved it) or pick another file"
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                header = (handle.metadata() or {}).get("neft_lab")
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"neuron set {file} is truncated or damaged ({err}): {fix}") from None
         if not header:
-            raise ConfigError(f"{file} is not a neft_lab neuron set (no neft_lab metadata)")
-        meta = json.loads(header)
-        tensors = load_file(str(file))
-        space = NeuronSpace.from_shapes(
-            meta["model_type"],
-            {g["weight"]: _shape(meta["signature"][name], g["axis"]) for name, g in meta["groups"].items()},
-            meta["kinds"],
-        )
-        indices = {k.removeprefix("indices."): v for k, v in tensors.items() if k.startswith("indices.")}
-        scores = {k.removeprefix("scores."): v for k, v in tensors.items() if k.startswith("scores.")}
-        own = {
-            k: v
-            for k, v in meta.items()
-            if k
-            not in (
-                "format",
-                "model_type",
-                "kinds",
-                "signature",
-                "groups",
-                "vectors",
-                "parameters",
-                "per_layer",
+            raise ConfigError(f"{file} is not a neft_lab neuron set (no neft_lab metadata): {fix}")
+        try:
+            meta = json.loads(header)
+            space = NeuronSpace.from_shapes(
+                meta["model_type"],
+                {
+                    g["weight"]: _shape(meta["signature"][name], g["axis"])
+                    for name, g in meta["groups"].items()
+                },
+                meta["kinds"],
             )
-        }
-        return cls(space, indices, scores, own)
+            indices = {k.removeprefix("indices."): v for k, v in tensors.items() if k.startswith("indices.")}
+            scores = {k.removeprefix("scores."): v for k, v in tensors.items() if k.startswith("scores.")}
+            for name, idx in indices.items():  # safetensors checks sizes, not values: damaged data loads
+                count = space.group(name).count
+                if (
+                    idx.dtype.is_floating_point
+                    or idx.ndim != 1
+                    or (
+                        idx.numel()
+                        and (
+                            int(idx.min()) < 0
+                            or int(idx.max()) >= count
+                            or idx.unique().numel() != idx.numel()
+                        )
+                    )
+                ):
+                    raise ValueError(f"indices of {name} are not distinct vectors of 0..{count - 1}")
+            own = {k: v for k, v in meta.items() if k not in _DERIVED}
+            return cls(space, indices, scores, own)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            if isinstance(err, ConfigError):
+                raise ConfigError(f"{file}: {err}") from None
+            raise ConfigError(
+                f"neuron set {file} has damaged metadata ({type(err).__name__}: {err}): {fix}"
+            ) from None
+
+
+# metadata() keys that describe the space and counts; the rest is the set's own meta
+_DERIVED = ("format", "model_type", "kinds", "signature", "groups", "vectors", "parameters", "per_layer")
+
+
+def neuron_set_file(path: str | Path) -> Path:
+    """The `.safetensors` file of a neuron set given with or without its suffix; it must exist."""
+    file = _base(Path(str(path)).expanduser()).with_suffix(".safetensors")
+    if not file.exists():
+        raise ConfigError(
+            f"neuron set {file} does not exist: check the path (selection.file / selection.files)"
+        )
+    return file
+
+
+def _first_difference(mine: NeuronSpace, theirs: NeuronSpace) -> str | None:
+    """How `theirs` differs from `mine` over `mine`'s kinds, or None when a set of `mine` fits `theirs`."""
+    if mine.model_type != theirs.model_type:
+        return f"the architecture is {mine.model_type} in the set but {theirs.model_type} in the model"
+    if mine.num_layers != theirs.num_layers:
+        return f"the set has {mine.num_layers} layers, the model {theirs.num_layers}"
+    kinds = set(mine.kinds)
+    a = mine.signature()
+    b = {g.name: [g.count, g.length] for g in theirs.groups if g.kind in kinds}
+    for name, shape in a.items():  # layer by layer, in the set's kind order
+        if name not in b:
+            return f"{name} {shape} is in the set but not in the model"
+        if b[name] != shape:
+            return f"{name} is [vectors, length] {shape} in the set but {b[name]} in the model"
+    extra = [name for name in b if name not in a]
+    if extra:
+        return f"{extra[0]} {b[extra[0]]} is in the model but not in the set"
+    return None
 
 
 def _shape(count_length: list[int], axis: int) -> tuple[int, int]:

@@ -52,19 +52,25 @@ class Budget:
     kind: str  # share: of all model parameters | lora_rank: as many parameters as LoRA of that rank | vectors
     value: float
 
-    def parameters(self, space: NeuronSpace, total_parameters: int, model: nn.Module | None = None) -> int:
-        """The budget in parameters, checked against what the neuron space can hold."""
+    def check(self, key: str = "selection.budget.value") -> None:
+        """The checks that need no model: a known kind and a value in range (`key` names it in messages)."""
         if self.kind not in BUDGET_KINDS:
             raise ConfigError(
-                f"unknown budget kind '{self.kind}': choose one of {BUDGET_KINDS} (selection.budget.kind)"
+                f"selection.budget.kind={self.kind!r}: unknown budget kind, choose one of {BUDGET_KINDS}"
             )
-        if self.value <= 0:
-            raise ConfigError(f"selection.budget.value must be > 0, got {self.value}")
+        if not self.value > 0:
+            raise ConfigError(f"{key}={self.value}: a budget must be > 0, e.g. 0.09 (9% of all parameters)")
+        if self.kind == "share" and self.value > 1:
+            raise ConfigError(
+                f"{key}={self.value} is above 1: a budget share is a share of all parameters, e.g. 0.09 for 9%"
+            )
+        if self.kind in ("lora_rank", "vectors") and not float(self.value).is_integer():
+            raise ConfigError(f"{key}={self.value}: a budget of kind {self.kind} must be a whole number >= 1")
+
+    def parameters(self, space: NeuronSpace, total_parameters: int, model: nn.Module | None = None) -> int:
+        """The budget in parameters, checked against what the neuron space can hold."""
+        self.check()
         if self.kind == "share":
-            if self.value > 1:
-                raise ConfigError(
-                    f"budget share {self.value} is above 1: a share of all parameters, e.g. 0.09 for 9%"
-                )
             params = round(self.value * total_parameters)
         elif self.kind == "lora_rank":
             if model is None:
@@ -82,6 +88,11 @@ class Budget:
         if params < _vector_length(space):
             raise ConfigError(f"budget {self.kind}={self.value} is {params} parameters: less than one vector")
         return params
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"selection.pooling={pooling!r}: unknown pooling, choose one of {POOLINGS}")
 
 
 def lora_parameter_count(model: nn.Module, rank: int) -> int:
@@ -145,8 +156,7 @@ def select(
 ) -> NeuronSet:
     """Pick vectors under the budget. `cosine_plus_reverse` spends `budget_parameters` on the lowest and
     `reverse_parameters` more on the highest similarities (the paper's "NeFT x% + Reversed y%")."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"unknown selection.pooling '{pooling}': choose one of {POOLINGS}")
+    check_pooling(pooling)
     flat, group_ids, lengths = _flat(scores, space)
     generator = torch.Generator().manual_seed(seed)
     if pooling == "global":

@@ -24,11 +24,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_write_json
+from neft_lab.io import apply_umask, atomic_write_json
 from neft_lab.neurons.geometry import NeuronSpace
-from neft_lab.neurons.neuron_set import NeuronSet
+from neft_lab.neurons.neuron_set import NeuronSet, neuron_set_file
 from neft_lab.neurons.scoring import WeightSource, cosine_scores
-from neft_lab.neurons.selection import Budget, select
+from neft_lab.neurons.selection import Budget, check_pooling, select
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def ensure_scores(cfg: DictConfig) -> Path:
         scores = cosine_scores(base, WeightSource(reference), space)
         tmp = folder / ".scores.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
+        apply_umask(tmp)  # safetensors writes 0600; the cache is shared
         tmp.replace(scores_file)
         atomic_write_json(
             folder / "key.json", {**reference_key(cfg), "scoring_seconds": time.perf_counter() - started}
@@ -183,20 +184,9 @@ def _reference_model(cfg: DictConfig, folder: Path) -> Path:
 def build_neuron_set(cfg: DictConfig, model: nn.Module, total_parameters: int) -> NeuronSet:
     """The neuron set the config asks for, checked against `model`."""
     sel = cfg.selection
-    method = sel.get("method", sel.name)
-    if method not in ALL_METHODS:
-        raise ConfigError(f"unknown selection method '{method}': choose one of {ALL_METHODS}")
+    method = selection_method(sel)
     if method in ("from_file", "union"):
-        files = [sel.file] if method == "from_file" else list(sel.files)
-        if not all(files) or (method == "union" and len(files) < 2):
-            raise ConfigError(
-                f"selection={method} needs "
-                + (
-                    "selection.file=<set>.safetensors"
-                    if method == "from_file"
-                    else "selection.files=[a.safetensors,b.safetensors]"
-                )
-            )
+        files = selection_files(sel, method)
         sets = [NeuronSet.load(f) for f in files]
         for neuron_set in sets:
             neuron_set.check_same_space(NeuronSpace.from_model(model, neuron_set.space.kinds))
@@ -223,3 +213,55 @@ def build_neuron_set(cfg: DictConfig, model: nn.Module, total_parameters: int) -
     if method == "random":
         neuron_set.scores = {}
     return neuron_set
+
+
+def selection_method(sel: DictConfig) -> str:
+    """`selection.method` (or the selection's name), checked against the known methods."""
+    method = sel.get("method", sel.name)
+    if method not in ALL_METHODS:
+        raise ConfigError(
+            f"selection.method={method!r}: unknown selection method, choose one of {ALL_METHODS}"
+        )
+    return method
+
+
+def selection_files(sel: DictConfig, method: str) -> list[str]:
+    """The neuron-set files of `selection=from_file` / `union`, each checked to exist."""
+    files = [sel.get("file")] if method == "from_file" else list(sel.get("files") or [])
+    if not all(files) or (method == "union" and len(files) < 2):
+        raise ConfigError(
+            f"selection={method} needs "
+            + (
+                "selection.file=<set>.safetensors"
+                if method == "from_file"
+                else "selection.files=[a.safetensors,b.safetensors]"
+            )
+        )
+    for file in files:
+        neuron_set_file(file)
+    return [str(f) for f in files]
+
+
+def check_selection(cfg: DictConfig) -> None:
+    """What a NeFT selection can be checked for before any model is loaded or reference run starts:
+    the method, the files it reads, the budget's kind and range, the pooling, the reference run's settings."""
+    from neft_lab.validation import number, require_int, require_number, value_of
+
+    sel = cfg.selection
+    method = selection_method(sel)
+    if method in ("from_file", "union"):
+        for file in selection_files(sel, method):
+            NeuronSet.load(file)  # a truncated or damaged file stops here, before any model is loaded
+        return
+    check_pooling(value_of(cfg, "selection.pooling"))
+    kind = value_of(cfg, "selection.budget.kind")
+    raw = OmegaConf.to_container(sel.budget, resolve=False).get("value")
+    key = "budget" if kind == "share" and "${budget}" in str(raw) else "selection.budget.value"
+    value = number(value_of(cfg, "selection.budget.value"), key, "a number", lambda v: True)
+    Budget(str(kind), value).check(key)
+    if method == "cosine_plus_reverse":
+        require_number(cfg, "selection.reverse_share", ">= 0 and <= 1", lambda v: 0 <= v <= 1)
+    if method in SCORED_METHODS:  # the reference fine-tune
+        require_int(cfg, "selection.reference.steps", 1)
+        require_number(cfg, "selection.reference.lr", "> 0", lambda v: v > 0)
+        require_int(cfg, "selection.reference.batch_size", 1)

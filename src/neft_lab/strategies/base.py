@@ -34,8 +34,14 @@ class StrategyContext:
 class TrainingStrategy(ABC):
     name: str = "base"
 
+    def check_config(self, cfg: Any) -> None:
+        """Refuse settings of the whole run config this strategy cannot train with; called before any model or
+        data is loaded (`neft_lab.validation`) and again by `prepare`. Nothing by default."""
+
     def prepare(self, ctx: StrategyContext) -> None:
         """Work that must happen before the model is loaded (e.g. NeFT's reference run)."""
+        if ctx.cfg is not None:
+            self.check_config(ctx.cfg)
 
     @abstractmethod
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_dir
-from neft_lab.neurons.selection import budget_share
+from neft_lab.neurons.selection import Budget, budget_share
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 
 logger = logging.getLogger(__name__)
@@ -39,11 +39,18 @@ class LoraStrategy(TrainingStrategy):
         bias: str = "none",
         merge_on_export: bool = False,
     ) -> None:
-        if r != "match" and (not isinstance(r, int) or r <= 0):
-            raise ConfigError(f"strategy.r must be a positive LoRA rank or 'match', got {r!r}")
+        if r != "match" and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+            raise ConfigError(
+                f"strategy.r={r!r}: give a positive integer LoRA rank (e.g. strategy.r=8) or 'match'"
+            )
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.merge_on_export = merge_on_export
+
+    def check_config(self, cfg: Any) -> None:
+        """`strategy.r=match` reads the top-level `budget`: a share of all parameters in (0, 1]."""
+        if self.r == "match":
+            Budget("share", budget_share(cfg.budget)).check("budget")
 
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         from peft import LoraConfig, get_peft_model

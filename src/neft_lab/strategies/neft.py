@@ -12,12 +12,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_dir
+from neft_lab.io import apply_umask, atomic_dir
 from neft_lab.models.loading import parameter_count
 from neft_lab.neurons import sliced
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
-from neft_lab.neurons.workflow import SCORED_METHODS, build_neuron_set, ensure_scores
+from neft_lab.neurons.workflow import SCORED_METHODS, build_neuron_set, check_selection, ensure_scores
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 from neft_lab.training.distributed import launched_as_rank_zero, uses_fsdp2
 
@@ -34,9 +34,8 @@ class NeftStrategy(TrainingStrategy):
         self.export_merged, self.export_delta = export_merged, export_delta
         self.neuron_set: NeuronSet | None = None
 
-    def prepare(self, ctx: StrategyContext) -> None:
-        """Run (or find cached) the reference fine-tune and scores before the model to train is loaded."""
-        cfg = ctx.cfg
+    def check_config(self, cfg: Any) -> None:
+        """A selection that can run (method, files, budget, reference settings) and an impl the trainer allows."""
         if cfg is None or cfg.selection.name == "none":
             raise ConfigError(
                 f"strategy={self.name} needs a neuron selection: e.g. selection=cosine or "
@@ -47,6 +46,14 @@ class NeftStrategy(TrainingStrategy):
                 f"strategy.impl={self.impl} cannot train under trainer=fsdp: FSDP2 shards the weights that "
                 "fused (and masked) change in place. Use strategy.impl=delta with trainer=fsdp, or trainer=ddp"
             )
+        check_selection(cfg)
+        if str((cfg.get("optim") or {}).get("clip_scope", "selected")) == "paper":
+            _check_paper_clipping(cfg.get("trainer") or {})
+
+    def prepare(self, ctx: StrategyContext) -> None:
+        """Run (or find cached) the reference fine-tune and scores before the model to train is loaded."""
+        cfg = ctx.cfg
+        self.check_config(cfg)
         if cfg.selection.get("method") in SCORED_METHODS and "neuron_set_file" not in ctx.extras:
             ensure_scores(cfg)
 
@@ -115,6 +122,7 @@ class NeftStrategy(TrainingStrategy):
                 str(tmp),
                 metadata={"format": "neft_lab.delta", "strategy": self.name},
             )
+            apply_umask(tmp)  # safetensors writes 0600
             tmp.replace(out_dir.parent / "neft_delta.safetensors")
         if self.export_merged:
             sliced.merge(model)  # the model keeps evaluating identically, now as plain layers
@@ -122,3 +130,19 @@ class NeftStrategy(TrainingStrategy):
                 model.save_pretrained(tmp_dir, safe_serialization=True)
                 tokenizer.save_pretrained(tmp_dir)
         return out_dir
+
+
+def _check_paper_clipping(trainer: Any) -> None:
+    """`optim.clip_scope=paper` forms the authors' dense norm from one backward on one process (DenseGradNorm);
+    refuse, before any process is launched, what would make it another norm."""
+    devices = trainer.get("devices", 1)
+    one_device = str(devices) == "1" or (not isinstance(devices, (int, str)) and len(list(devices)) == 1)
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    if one_device and int(trainer.get("num_nodes") or 1) == 1 and accumulate == 1:
+        return
+    raise ConfigError(
+        f"optim.clip_scope=paper needs one process and no gradient accumulation (trainer.devices={devices}, "
+        f"trainer.accumulate_grad_batches={accumulate}): gradients summed over ranks or batches have another "
+        "dense norm than per-backward activations give. Set trainer.devices=1 and raise loader.batch_size, "
+        "or use optim.clip_scope=selected"
+    )

@@ -1,0 +1,183 @@
+"""Check the whole composed config before any model or data is loaded.
+
+`validate(cfg)` runs first in `pipeline.run`: a bad value costs a second and one line naming the key, the
+value and the fix, instead of a traceback after a reference fine-tune, a training run or an export. Checks
+that belong to a component live there and are called from here, so each has one home:
+
+- model source, name and dtype: `models.loading.check_model_config` (`torch_dtype`);
+- precision and master dtype: `training.precision.check_precision` / `master_dtype`;
+- scheduler and clip scope: `SCHEDULES` / `CLIP_SCOPES` of `training.module`;
+- strategy arguments: the strategies' constructors (`build_strategy`) and their `check_config` (LoRA's
+  `r=match` budget; NeFT's selection: `neurons.workflow.check_selection`, with `Budget.check`);
+- task: `Task.from_config` (metrics, prompt, token limits) and `Task.check_folders` (local data folders);
+- stage=report: `report.report_root`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from neft_lab.errors import ConfigError
+
+STAGES = ("fit", "eval", "report")  # what `stage=` runs (neft_lab.pipeline)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` for the first setting of `cfg` that cannot run; return quietly otherwise."""
+    stage = value_of(cfg, "stage")
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r}: unknown stage, choose one of {STAGES}")
+    if stage == "report":
+        from neft_lab.report import report_root
+
+        report_root(cfg)
+        return
+    seed = value_of(cfg, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}: a seed must be an integer in [0, 2**32), e.g. seed=0")
+    if value_of(cfg, "threads") is not None:
+        require_int(cfg, "threads", 1)
+    require_int(cfg, "eval.batch_size", 1, 16)
+    require_int(cfg, "loader.eval_batch_size", 1, 16)
+    _check_task(cfg)
+    if stage == "eval":  # model, strategy (and task unless given) come from the saved run
+        ckpt = value_of(cfg, "ckpt")
+        if not ckpt:
+            raise ConfigError("stage=eval needs ckpt=<run folder, export folder or .ckpt file>")
+        if not Path(str(ckpt)).expanduser().exists():
+            raise ConfigError(
+                f"ckpt={ckpt} does not exist: give a run folder, its export/ folder or a .ckpt file"
+            )
+        return
+    _check_optim(cfg)
+    require_int(cfg, "loader.batch_size", 1, 8)
+    require_int(cfg, "loader.num_workers", 0)
+    _check_trainer(cfg)
+    _check_model_and_strategy(cfg)
+
+
+# ---- helpers (also used by the components' own checks) ------------------------------------------------------
+def value_of(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at a dotted key (None when absent); a failing interpolation becomes a ConfigError."""
+    with resolving(key):
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+@contextmanager
+def resolving(key: str) -> Iterator[None]:
+    """Turn OmegaConf's errors for a missing (`???`) or unresolvable value under `key` into one-line ConfigErrors."""
+    try:
+        yield
+    except MissingMandatoryValue as err:
+        where = getattr(err, "full_key", None) or key
+        raise ConfigError(f"{where} is not set: give it on the command line, e.g. {where}=<value>") from None
+    except InterpolationResolutionError as err:
+        cause = err.__cause__ or err.__context__
+        while isinstance(cause, InterpolationResolutionError):  # nested interpolations
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ConfigError):  # our resolvers' own messages (budget=abc)
+            raise ConfigError(str(cause)) from None
+        where = getattr(err, "full_key", None) or key
+        reason = str(cause or err).strip().splitlines()[0]
+        raise ConfigError(f"{where} cannot be resolved ({reason}): fix the value it refers to") from None
+
+
+def number(value: Any, key: str, rule: str, ok: Callable[[float], bool], example: str = "") -> float:
+    """`value` as a finite number that satisfies `ok`, else a ConfigError saying `key` must be `rule`."""
+    good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not good or not ok(float(value)):
+        hint = f", e.g. {key}={example}" if example else ""
+        raise ConfigError(f"{key}={value!r}: must be a number {rule}{hint}")
+    return float(value)
+
+
+def require_number(
+    cfg: DictConfig, key: str, rule: str, ok: Callable[[float], bool], example: str = ""
+) -> float:
+    return number(value_of(cfg, key), key, rule, ok, example)
+
+
+def require_int(cfg: DictConfig, key: str, minimum: int, example: int | None = None) -> int:
+    """A whole number >= `minimum` at `key` (True/False and 2.5 are refused)."""
+    value = value_of(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        shown = minimum if example is None else example
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}, e.g. {key}={shown}")
+    return value
+
+
+# ---- the sections ------------------------------------------------------------------------------------------
+def _check_optim(cfg: DictConfig) -> None:
+    from neft_lab.training.module import CLIP_SCOPES, SCHEDULES
+    from neft_lab.training.precision import master_dtype
+
+    require_number(cfg, "optim.lr", "> 0", lambda v: v > 0, "2e-5")
+    require_number(cfg, "optim.weight_decay", ">= 0", lambda v: v >= 0, "0.0")
+    betas = value_of(cfg, "optim.betas")
+    if not isinstance(betas, (list, tuple, ListConfig)) or len(betas) != 2:
+        shown = list(betas) if isinstance(betas, ListConfig) else betas
+        raise ConfigError(f"optim.betas={shown!r}: give two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
+    for i, beta in enumerate(betas):
+        number(beta, f"optim.betas[{i}]", "in [0, 1)", lambda v: 0 <= v < 1, "0.9")
+    require_number(cfg, "optim.eps", "> 0", lambda v: v > 0, "1e-8")
+    scheduler = value_of(cfg, "optim.scheduler")
+    if scheduler not in SCHEDULES:
+        raise ConfigError(
+            f"optim.scheduler={scheduler!r}: unknown scheduler, choose one of {sorted(SCHEDULES)}"
+        )
+    require_int(cfg, "optim.warmup_steps", 0)
+    master_dtype(value_of(cfg, "optim.master_dtype"))
+    clip_scope = value_of(cfg, "optim.clip_scope")
+    if clip_scope not in CLIP_SCOPES:
+        raise ConfigError(f"optim.clip_scope={clip_scope!r}: unknown clip scope, choose one of {CLIP_SCOPES}")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    require_int(cfg, "trainer.max_steps", 1, 200)
+    interval = value_of(cfg, "trainer.val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        require_int(cfg, "trainer.val_check_interval", 1, 50)
+    elif interval is not None:  # Lightning: a float is a fraction of the training epoch
+        number(
+            interval,
+            "trainer.val_check_interval",
+            "in (0, 1] (a share of an epoch) or an integer >= 1 (optimizer steps)",
+            lambda v: 0 < v <= 1,
+            "50",
+        )
+    if value_of(cfg, "trainer.accumulate_grad_batches") is not None:
+        require_int(cfg, "trainer.accumulate_grad_batches", 1)
+    if value_of(cfg, "trainer.gradient_clip_val") is not None:
+        require_number(
+            cfg, "trainer.gradient_clip_val", ">= 0 (0 or null: no clipping)", lambda v: v >= 0, "1.0"
+        )
+
+
+def _check_task(cfg: DictConfig) -> None:
+    from neft_lab.data.task import Task
+
+    with resolving("task"):
+        task = Task.from_config(cfg.task)
+    task.check_folders()
+
+
+def _check_model_and_strategy(cfg: DictConfig) -> None:
+    from neft_lab.models.loading import check_model_config
+    from neft_lab.strategies import build_strategy
+    from neft_lab.training.precision import check_precision
+
+    with resolving("model"):
+        check_model_config(cfg.model)
+    check_precision(
+        value_of(cfg, "model.dtype"), value_of(cfg, "trainer.precision"), value_of(cfg, "optim.master_dtype")
+    )
+    with resolving("strategy"):
+        strategy = build_strategy(cfg.strategy)
+        strategy.check_config(cfg)
