@@ -85,7 +85,9 @@ class SignalAtStep(L.Callback):
     ("signum", "step"), [("SIGTERM", 7), ("SIGUSR1", 16), ("SIGINT", 12), ("SIGKILL", 13)]
 )
 def test_killed_run_resumes_bit_equal(tmp_path, uninterrupted, monkeypatch, signum, step):
-    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    )
     run_dir = tmp_path / "run"
     killed = _cli(tmp_path, run_dir, "+callbacks.kill._target_=test_faults.SignalAtStep", f"+callbacks.kill.step={step}",
                   f"+callbacks.kill.signum={signum}")  # fmt: skip
@@ -228,18 +230,20 @@ def test_a_different_config_in_an_existing_run_folder_is_refused(tmp_path):
 
 
 @pytest.mark.fault
-def test_a_moved_run_folder_restores_its_own_best_checkpoint(tmp_path, uninterrupted):
-    first = tmp_path / "first"
+def test_a_moved_run_folder_restores_its_own_best_checkpoint(tmp_path):
+    """`mode=max` on a falling loss: the best is the first validation's, saved before the move and never
+    replaced after it, so only the path recorded inside last.ckpt can find it."""
+    first, keep_first_best = tmp_path / "first", "callbacks.model_checkpoint.mode=max"
+    crash = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=13", keep_first_best]
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _in_process(
-            tmp_path, first, "+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=13"
-        )
+        _in_process(tmp_path, first, *crash)
     moved = tmp_path / "moved"
     shutil.move(first, moved)
-    _in_process(tmp_path, moved)
-    best = read_metrics(moved)["train"]["best_checkpoint"]
-    assert best is not None and Path(best).parent == moved / "checkpoints"
-    assert _same_weights(uninterrupted, moved)
+    _in_process(tmp_path, moved, keep_first_best)
+    best = Path(read_metrics(moved)["train"]["best_checkpoint"])
+    assert best.parent == moved / "checkpoints" and best.name.startswith("step000005")
+    exported, saved = _weights(moved), load_checkpoint(best)["state_dict"]
+    assert all(torch.equal(exported[k.removeprefix("model.")], v) for k, v in saved.items())
 
 
 @pytest.mark.fault
