@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +21,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEFT_LAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
+
+# Tests never write into the user's cache (~/.cache/neft_lab or their $NEFT_LAB_CACHE): for the whole session
+# NEFT_LAB_CACHE (hence `paths.cache_dir`, the Gemma folder and every `run_cli` subprocess) points at a
+# temporary folder, set here at import time so configs composed anywhere in the session see it. The
+# exception is the `slow` tests (tests/test_gemma_gguf.py, tests/test_quickstart.py): they need the real
+# Gemma-3-270M converted once into the user's cache, so `_user_cache_for_slow_tests` gives it back to them.
+# HF_HOME is left alone: no test downloads from the Hugging Face hub.
+USER_CACHE = os.environ.get("NEFT_LAB_CACHE")
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="neft_lab-test-cache-"))
+os.environ["NEFT_LAB_CACHE"] = str(TEST_CACHE)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _user_cache_for_slow_tests(request, monkeypatch):
+    """`slow` tests load the real Gemma-3-270M from the user's cache (converting it there once)."""
+    if "slow" in request.keywords:
+        if USER_CACHE is None:
+            monkeypatch.delenv("NEFT_LAB_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("NEFT_LAB_CACHE", USER_CACHE)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,7 +27,7 @@ def test_smoke_trains_evaluates_and_eval_stage_reproduces(tmp_path):
     # the saved result scores the same when evaluated again from its run folder
     again = run_cli(["stage=eval", f"ckpt={run_dir}", "threads=1"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    evaluated = [p for p in _runs(tmp_path / "outputs" / "runs") if p != run_dir]
+    evaluated = _runs(tmp_path / "outputs" / "evals")  # evals/<time>-<task>-<strategy>-<time of the run>
     assert len(evaluated) == 1
     rerun = read_metrics(evaluated[0])
     assert rerun["ckpt"] == str(run_dir)
@@ -94,3 +94,68 @@ def test_bad_input_exits_with_a_clear_message(tmp_path):
     assert (
         done.returncode == 2 and "Point task.data.data_dir" in done.stderr
     )  # hub unreachable: use local files
+
+
+@pytest.mark.bad_input
+def test_mistyped_key_suggests_the_closest_in_one_line(tmp_path):
+    """`optim.lrr=1e-4` is refused before the job starts: exit 2, one line naming the closest key, no traceback
+    (not Hydra's "append with +" hint); group choices on the command line count (strategy=lora has strategy.r)."""
+    for args, line in (
+        (["optim.lrr=1e-4"], "neft_lab error: unknown key 'optim.lrr': did you mean 'optim.lr'?"),
+        (
+            ["-m", "strategy=lora", "seed=0,1", "strategy.rr=4"],
+            "unknown key 'strategy.rr': did you mean 'strategy.r'?",
+        ),
+    ):
+        done = run_cli(args, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().endswith(line) and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "Traceback" not in done.stderr and "+optim.lrr" not in done.stderr
+        assert not (tmp_path / "outputs").exists()  # no run folder for a refused command
+    # keys that exist, additions with +, hydra.* and group sweeps still compose (--cfg job prints, runs nothing)
+    done = run_cli(
+        [
+            "--cfg",
+            "job",
+            "strategy=lora",
+            "strategy.r=4",
+            "optim.betas.0=0.8",
+            "+extra.note=1",
+            "hydra.job.chdir=false",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: 1" in done.stdout and "r: 4" in done.stdout
+
+
+@pytest.mark.bad_input
+def test_base_task_configs_are_not_task_choices(tmp_path):
+    """The shared translation/summarization defaults are no `task=` option: picking one gets Hydra's short
+    "Could not find" with the real tasks listed, not a crash deep in the run."""
+    done = run_cli(["task=_translation"], cwd=tmp_path, timeout=120)
+    assert done.returncode != 0
+    assert "Could not find 'task/_translation'" in done.stderr and "Traceback" not in done.stderr
+    assert "wmt_zh_en" in done.stderr
+    assert "_summarization" not in done.stderr and "task_base" not in done.stderr
+
+
+def test_help_says_what_the_tool_is_and_shows_the_main_commands(tmp_path):
+    done = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    assert "neuron-level fine-tuning (NeFT)" in text
+    for command in (
+        "experiment=quickstart",
+        "experiment=smoke",
+        "-m strategy=full,lora",
+        "stage=eval",
+        "stage=report",
+    ):
+        assert f"python -m neft_lab {command}" in text, command
+    assert "task: cnn_dm, embedded, wmt_de_en, wmt_en_zh, wmt_zh_en, xsum" in text  # the config groups
+    for group in ("model:", "strategy:", "selection:", "trainer:", "experiment:"):
+        assert f"\n{group} " in text, group
+    assert "--cfg" in text
+    assert "_translation" not in text and "_summarization" not in text and "task_base" not in text

@@ -99,3 +99,31 @@ def test_unknown_option_names_the_choices(compose_cfg):
 def test_hub_model_name_is_the_basename(compose_cfg):
     cfg = compose_cfg(["model=hub", "model.name_or_path=meta-llama/Llama-2-7b-hf", "paths.run_dir=/tmp/x"])
     assert cfg.model.name == "Llama-2-7b-hf"
+
+
+def test_tests_use_a_temporary_cache(compose_cfg):
+    """tests/conftest.py points NEFT_LAB_CACHE at a session temp folder: no test writes into ~/.cache/neft_lab."""
+    import tempfile
+    from pathlib import Path
+
+    from neft_lab.models.gemma_gguf import default_cache_dir
+
+    user_cache = Path.home() / ".cache"
+    for cache in (Path(compose_cfg(["paths.run_dir=/tmp/x"]).paths.cache_dir), default_cache_dir()):
+        assert not cache.resolve().is_relative_to(user_cache.resolve()), cache
+        assert cache.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), cache
+
+
+@pytest.mark.slow
+def test_slow_tests_keep_the_user_cache():
+    """The real-Gemma tests (marked slow) need the converted model in the user's cache, so they keep it."""
+    import os
+    from pathlib import Path
+
+    from conftest import USER_CACHE
+    from neft_lab.models.gemma_gguf import default_cache_dir
+
+    assert os.environ.get("NEFT_LAB_CACHE") == USER_CACHE
+    assert default_cache_dir() == (
+        Path(USER_CACHE).expanduser() if USER_CACHE else Path.home() / ".cache" / "neft_lab"
+    )

@@ -46,7 +46,8 @@ TWO_CPU_PROCESSES = [
     "task.data.max_test=4",
     "eval.before=false",
 ]
-NEFT = ["strategy=neft", "selection.reference.steps=4"]
+# the merged export/ is compared below
+NEFT = ["strategy=neft", "selection.reference.steps=4", "strategy.export_merged=true"]
 JOBS = {
     "ddp_full": ["trainer=ddp", "strategy=full"],
     "ddp_lora": ["trainer=ddp", "strategy=lora"],

@@ -358,9 +358,8 @@ def test_every_artifact_of_a_run_is_shared_under_umask_022(tiny_overrides, tmp_p
     old = os.umask(0o022)
     try:
         run_dir = tmp_path / "run"
-        run(
-            compose([*tiny_overrides, *SHORT, "trainer.max_steps=10", "logger=csv", "strategy=random_neuron"])
-        )
+        args = [*tiny_overrides, *SHORT, "trainer.max_steps=10", "logger=csv", "strategy=random_neuron"]
+        run(compose([*args, "strategy.export_merged=true"]))  # the merged export/ as well
     finally:
         os.umask(old)
     assert (run_dir / "neuron_set.safetensors").exists() and (run_dir / "neft_delta.safetensors").exists()

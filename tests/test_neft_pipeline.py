@@ -31,7 +31,7 @@ def _neft(tiny_overrides, tmp_path, *extra):
 
 
 def test_neft_chain_trains_only_selected_vectors(tiny_overrides, tmp_path):
-    run_dir = _neft(tiny_overrides, tmp_path)
+    run_dir = _neft(tiny_overrides, tmp_path, "strategy.export_merged=true")  # also the merged export/
     metrics = read_metrics(run_dir)
     assert metrics["strategy"] == "neft" and metrics["selection"] == "cosine" and metrics["impl"] == "fused"
     assert metrics["trainable_parameters"] == metrics["neuron_parameters"] == metrics["neuron_vectors"] * 64

@@ -240,6 +240,85 @@ def test_report_table_shape_labels_and_arithmetic(tmp_path):
         run(compose(["stage=report", f"report.dir={tmp_path}", "report.metric=comet"]))
 
 
+def test_report_plot_draws_single_points_inside_sane_limits(tmp_path, monkeypatch):
+    """A family with one budget point (LoRA here) is drawn as a marker, and the log x range spans every
+    point with a margin instead of collapsing onto the single point (the picture, not just the file)."""
+    import numpy as np
+
+    from neft_lab import report as report_module
+
+    figures = []
+    save = report_module._atomic_savefig
+    monkeypatch.setattr(
+        report_module, "_atomic_savefig", lambda fig, path: (figures.append(fig), save(fig, path))[1]
+    )
+    points = {"Full": (100.0, 20.0), "LoRA": (1.5, 15.0), "NeFT": [(3.0, 16.0), (9.0, 18.0)]}
+    for name, strategy, selection, extra, pct, bleu in (
+        ("full", "full", {"name": "none"}, {}, 100.0, 20.0),
+        ("lora", "lora", {"name": "none"}, {"r": 8}, 1.5, 15.0),
+        (
+            "neft3",
+            "neft",
+            {"name": "cosine", "method": "cosine", "budget": {"kind": "share", "value": 0.03}},
+            {},
+            3.0,
+            16.0,
+        ),
+        (
+            "neft9",
+            "neft",
+            {"name": "cosine", "method": "cosine", "budget": {"kind": "share", "value": 0.09}},
+            {},
+            9.0,
+            18.0,
+        ),
+    ):
+        _fake_run(
+            tmp_path / "runs" / name,
+            {
+                "model": "m",
+                "task": "wmt_zh_en",
+                "seed": 0,
+                "strategy": strategy,
+                "trainable_percent": pct,
+                "after": {"bleu": bleu, "chrf": 40.0, "n": 8},
+            },
+            task={"kind": "translation"},
+            strategy={"name": strategy, **extra},
+            selection=selection,
+        )
+    run(compose(["stage=report", f"report.dir={tmp_path / 'runs'}", f"report.out={tmp_path / 'out'}"]))
+    assert (tmp_path / "out" / "budget_vs_score.png").stat().st_size > 5000
+    (fig,) = figures
+    (ax,) = [a for a in fig.axes if a.get_visible()]
+    low, high = ax.get_xlim()
+    xs = [1.5, 3.0, 9.0, 100.0]
+    assert low < min(xs) / 1.2 and high > max(xs) * 1.2  # every point inside, with a margin on the log axis
+    fig.canvas.draw()
+    box = ax.get_window_extent()
+
+    def drawn_at(x: float, y: float) -> bool:
+        """A line with a visible marker through (x, y), itself inside the axes (not clipped to an edge)."""
+        px, py = ax.transData.transform((x, y))
+        if not (box.x0 + 5 < px < box.x1 - 5 and box.y0 + 5 < py < box.y1 - 5):
+            return False
+        return any(
+            line.get_visible()
+            and line.get_marker() not in (None, "None", "", " ", "_", "|")
+            and any(
+                np.isclose(float(lx), x) and np.isclose(float(ly), y)
+                for lx, ly in zip(line.get_xdata(), line.get_ydata())
+            )
+            for line in ax.lines
+        )
+
+    for family, where in points.items():
+        for x, y in where if isinstance(where, list) else [where]:
+            assert drawn_at(x, y), f"{family} point ({x}, {y}) is not drawn inside the plot"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"Full", "LoRA", "NeFT"} <= set(legend)
+
+
 def test_method_labels():
     assert (
         method_of({"strategy": "lora", "lora_r": "match", "budget_share": 0.09}).label == "LoRA r=match (9%)"

@@ -39,6 +39,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, strategy):
     ]
     if strategy == "full":
         base.remove("selection.reference.steps=10")
+    else:  # the merged export/ is compared below (the delta is compared too)
+        base.append("strategy.export_merged=true")
     run(compose(base + [f"paths.run_dir={tmp_path / 'whole'}"]))
     interrupted = tmp_path / "interrupted"
     crash = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=13"]
@@ -57,6 +59,11 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, strategy):
         a = NeuronSet.load(tmp_path / "whole" / "neuron_set.safetensors")
         b = NeuronSet.load(interrupted / "neuron_set.safetensors")
         assert a.overlap(b) == 1.0 and a.num_vectors == b.num_vectors
+        from safetensors.torch import load_file
+
+        da = load_file(str(tmp_path / "whole" / "neft_delta.safetensors"))
+        db = load_file(str(interrupted / "neft_delta.safetensors"))
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
 
 
 def test_resume_of_a_folder_without_checkpoint_is_an_error(tmp_path, tiny_overrides):

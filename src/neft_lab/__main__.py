@@ -17,15 +17,113 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from neft_lab.errors import ConfigError
-    from neft_lab.pipeline import run
+    from neft_lab.pipeline import log_to_run_log, run
 
     try:
         return run(cfg)
     except ConfigError as err:  # a mistake the user can fix: say what and how, no traceback
-        logger.error("%s", err)
+        log_to_run_log(logging.ERROR, f"neft_lab error: {err}")  # the run log; the console once, on stderr
         print(f"neft_lab error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def _config_groups(root) -> set[str]:
+    return {str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir()}
+
+
+def _node_has(cfg: DictConfig, key: str) -> bool:
+    """Whether a dotted override key names an existing config value, or may be added without a `+` (a
+    node that is not in struct mode)."""
+    from omegaconf import ListConfig, OmegaConf
+
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, ListConfig):
+            if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                return False
+            node = node[int(part)]
+        elif isinstance(node, DictConfig):
+            if part not in list(node):  # `in` alone is False for a `???` (missing) value
+                return not OmegaConf.is_struct(node)
+            node = node._get_node(part)
+            node = node if isinstance(node, (DictConfig, ListConfig)) else None
+        else:
+            return False  # a plain value has no sub-keys
+    return True
+
+
+def _dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg:
+        name = f"{prefix}{key}"
+        keys.append(name)
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            keys += _dotted_keys(child, f"{name}.")
+    return keys
+
+
+def unknown_key_error(argv: list[str]) -> str | None:
+    """The one-line error for an override of a key the composed config lacks (`optim.lrr=1e-4`), with the
+    closest existing keys; None when every key exists or anything else is wrong (Hydra reports that).
+
+    Hydra's own error suggests appending with `+optim.lrr=...`, which then fails in the run; checking
+    first against the config the command composes (its group choices included) catches the typo."""
+    import difflib
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    from neft_lab.config import compose
+
+    try:
+        args = get_args_parser().parse_args(argv)
+        if args.shell_completion or args.config_path or args.config_dir or args.experimental_rerun:
+            return None
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+        root = conf_dir()
+        groups = _config_groups(root)
+        selections, values = [], []
+        for override in overrides:
+            key = override.key_or_group
+            if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+                continue
+            if key in groups:  # a group choice shapes the config: compose with it (a sweep's first option)
+                if override.is_sweep_override():
+                    first = next(iter(override.sweep_string_iterator()), None)
+                    if first is None:
+                        return None
+                    selections.append(f"{override.input_line.split('=', 1)[0]}={first}")
+                else:
+                    selections.append(override.input_line)
+            elif override.type == OverrideType.CHANGE and override.package is None:
+                values.append(key)
+        if not values:
+            return None
+        cfg = compose(selections, config_name=args.config_name or "config")
+    except Exception:  # a bad option, a syntax error, ...: Hydra says what is wrong
+        return None
+    for key in values:
+        if not _node_has(cfg, key):
+            close = difflib.get_close_matches(key, _dotted_keys(cfg), n=1, cutoff=0.6)
+            hint = (
+                f"did you mean '{close[0]}'?"
+                if close
+                else f"`python -m neft_lab --cfg job` lists the keys; +{key}=... adds a new one"
+            )
+            return f"unknown key '{key}': {hint}"
+    return None
+
+
+def cli() -> None:
+    """`python -m neft_lab`: refuse an unknown key in one line before Hydra starts the job."""
+    error = unknown_key_error(sys.argv[1:])
+    if error:
+        print(f"neft_lab error: {error}", file=sys.stderr)
+        raise SystemExit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

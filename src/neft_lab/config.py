@@ -57,6 +57,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("neft_lab.wandb_offline", wandb_offline, use_cache=True)
     if not OmegaConf.has_resolver("neft_lab.basename"):
         OmegaConf.register_new_resolver("neft_lab.basename", basename)
+    if not OmegaConf.has_resolver("neft_lab.command_dir"):  # hydra.run.dir, named after the stage
+        from neft_lab.run_folder import command_dir
+
+        OmegaConf.register_new_resolver("neft_lab.command_dir", command_dir)
     if not OmegaConf.has_resolver("neft_lab.budget_share"):
         OmegaConf.register_new_resolver("neft_lab.budget_share", budget_share)
 

@@ -1,4 +1,5 @@
-"""The stages a run goes through: `fit` (train, export, evaluate) and `eval` (score a saved result)."""
+"""The stages a run goes through: `fit` (train, export, evaluate), `eval` (score a saved result) and `export`
+(a saved result, e.g. a NeFT delta on its base model, as a merged Hugging Face folder)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
 from neft_lab.errors import ConfigError
 from neft_lab.evaluation.evaluate import evaluate, format_metrics
-from neft_lab.io import atomic_write_json, atomic_write_jsonl
+from neft_lab.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
+from neft_lab.neurons import sliced
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
 from neft_lab.training import checkpoints
 from neft_lab.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint
@@ -33,16 +35,82 @@ from neft_lab.validation import validate
 logger = logging.getLogger(__name__)
 
 
+_DEPTH = [0]  # > 0 while a run is going on in this process: the NeFT reference run is nested in its run
+NO_FOLDER_STAGES = ("report", "export")  # they write elsewhere: the folder Hydra made for them is removed
+
+
+def nested_run() -> bool:
+    """True inside a run started by another run (the NeFT reference run)."""
+    return _DEPTH[0] > 1
+
+
 def run(cfg: DictConfig) -> float | None:
-    """Run the configured stage; returns the main test metric (for Hydra sweepers)."""
+    """Run the configured stage; returns the main test metric (for Hydra sweepers).
+
+    The folder Hydra made for the command (`hydra.run.dir`) is left only when it holds a result:
+    `stage=report`/`export` remove it, `resume=<folder>` removes it and logs into <folder>, and a command
+    that fails before writing anything but `.hydra/`, its log and `config.yaml` moves it to
+    `<paths.output_dir>/failed/...` and names that log in the error (run_folder.set_aside_failed).
+    """
+    # the launching process only: DDP ranks it starts rerun the command in the same folder
+    folder = run_folder.hydra_output_dir() if _DEPTH[0] == 0 and _is_global_rank_zero() else None
+    output_dir = Path(str(OmegaConf.select(cfg, "paths.output_dir", default=None) or "outputs"))
+    state: dict[str, Any] = {"folder": folder}
+    _DEPTH[0] += 1
+    try:
+        result = _run(cfg, state, output_dir)
+    except BaseException as err:
+        if state["folder"] is not None:
+            _set_aside_failed(err, cfg, state["folder"], output_dir, keep=state.get("keep", False))
+        raise
+    finally:
+        _DEPTH[0] -= 1
+    if state["folder"] is not None and OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:
+        run_folder.discard(state["folder"], output_dir)
+    return result
+
+
+def _set_aside_failed(
+    err: BaseException, cfg: DictConfig, folder: Path, output_dir: Path, keep: bool
+) -> None:
+    if isinstance(err, SystemExit) and err.code in (0, None):
+        return
+    if OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:  # no folder, failed or not: the error says it all
+        run_folder.discard(folder, output_dir)
+        return
+    log = (None if keep else run_folder.set_aside_failed(folder, output_dir)) or run_folder.run_log(folder)
+    if log is None:
+        return
+    if isinstance(err, ConfigError) and err.args:  # the CLI prints it as one line: name the log there
+        err.args = (f"{err.args[0]} (log: {log})", *err.args[1:])
+    else:
+        err.add_note(f"log: {log}")
+
+
+def log_to_run_log(level: int, message: str) -> None:
+    """Write `message` to the command's log file only (the console shows it once, on stderr)."""
+    record = logging.getLogger("neft_lab").makeRecord("neft_lab", level, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | None:
     validate(cfg)  # the whole config (stage, paths, values), before any model or data is loaded
     if cfg.stage == "report":  # reads finished runs back: no model, no seeding, no run folder of its own
         from neft_lab.report import report
 
         return report(cfg)
     _route_lightning_logs_through_hydra()
+    if cfg.stage == "export":  # writes beside the saved run (or to export.out): no run folder of its own
+        export_saved(cfg)
+        return None
     cfg = _config_of_resumed_run(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    resumed = str(cfg.get("resume", "auto")).lower() not in ("auto", "false", "none", "never")
+    if state["folder"] is not None and resumed and state["folder"].resolve() != run_dir.resolve():
+        run_folder.continue_log_in(state["folder"], run_dir, output_dir)  # work goes on in <run_dir>
+        state.update(folder=run_dir, keep=True)  # the resumed run's folder: never set aside
     finished = run_folder.prepare(cfg, run_dir)
     if finished is not None:
         return _main_metric(finished.get("after"))
@@ -71,6 +139,13 @@ def _config_of_resumed_run(cfg: DictConfig) -> DictConfig:
 warnings.filterwarnings(
     "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
 )
+# Deprecations inside our dependencies, on every run, that a user can do nothing about: Lightning's pytree
+# helper checks `isinstance(x, LeafSpec)` (torch), and PEFT/Lightning read `is_gradient_checkpointing`
+# (transformers). Targeted by message, so any other warning still shows.
+warnings.filterwarnings(
+    "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _route_lightning_logs_through_hydra() -> None:
@@ -82,6 +157,33 @@ def _route_lightning_logs_through_hydra() -> None:
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoAdverts) for f in rank_zero.filters):
         rank_zero.addFilter(_NoAdverts())
+
+
+class StepProgressBar(L.pytorch.callbacks.TQDMProgressBar):
+    """One bar over the whole run, `<label> step k/K` (K = trainer.max_steps), for step-bounded runs whose
+    epochs mean nothing (the NeFT reference run: max_epochs=-1 made Lightning's default bar read 'Epoch 0/-2')."""
+
+    def __init__(self, label: str = "step", refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.label = label
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # once: the bar runs on across epochs
+            bar.reset(total=trainer.max_steps)
+            bar.n = trainer.global_step
+        bar.set_description(self.label)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 class _NoAdverts(logging.Filter):
@@ -203,7 +305,8 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     ctx.datamodule = datamodule
     model = strategy.apply(model, ctx)
     summary = strategy.summary(model, base_parameters)
-    logger.info("%s\nrun dir: %s", _summary_line(cfg, summary), run_dir)
+    where = "reference run dir" if nested_run() else "run dir"  # the NeFT reference run is nested in its run
+    logger.info("%s\n%s: %s", _summary_line(cfg, summary), where, run_dir)
 
     results: dict[str, Any] = {"model": cfg.model.name, "task": task.name, "seed": cfg.seed, **summary}
     if cfg.eval.before and _is_global_rank_zero():  # other ranks of a distributed launch would only repeat it
@@ -232,7 +335,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     tracking.log_run_end(trainer, results["train"])
     if cfg.export.enabled:
         strategy.export(model, tokenizer, run_dir / "export")
-        results["export"] = str(run_dir / "export")
+        written = [
+            run_dir / name for name in ("export", "neft_delta.safetensors") if (run_dir / name).exists()
+        ]
+        results["export"] = [str(p) for p in written]
 
     if cfg.eval.after:
         results["after"], rows = _evaluate_split(cfg, model, encoder, datamodule, "after fine-tuning")
@@ -306,8 +412,64 @@ def _print_outcome(results: dict[str, Any], run_dir: Path) -> None:
     logger.info("\n".join(lines))
 
 
+DELTA_FILE = "neft_delta.safetensors"
+
+
+def _delta_file(path: Path) -> Path | None:
+    """`path` as a NeFT delta: the file itself, or a run folder that holds one (and no merged export/)."""
+    if path.is_file() and path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+            raise ConfigError(f"ckpt={path}: could not read it as a NeFT delta ({err})") from None
+        if fmt != sliced.DELTA_FORMAT:
+            raise ConfigError(f"ckpt={path} is a safetensors file but not a NeFT delta (format={fmt!r})")
+        return path
+    if path.is_dir() and not (path / "export").is_dir() and (path / DELTA_FILE).is_file():
+        return path / DELTA_FILE
+    return None
+
+
+def _base_plus_delta(cfg: DictConfig, delta_path: Path) -> tuple[torch.nn.Module, Any]:
+    """The base model of `cfg.model` with the delta written in, after checking it is the base the delta was
+    trained from (the hash of the weights it touches, `sliced.base_hash`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(delta_path), "pt") as f:
+        meta = f.metadata() or {}
+    delta = load_file(str(delta_path))
+    model, tokenizer = load_model(cfg.model)
+    expected = meta.get("base_hash")
+    if expected is None:
+        logger.warning("%s records no base model hash (an older delta): applied without checking the base",
+                       delta_path)  # fmt: skip
+    else:
+        found = sliced.base_hash(model, sliced.delta_modules(delta))
+        if found != expected:
+            raise ConfigError(
+                f"{delta_path} was trained on another base model: its base hash is {expected[:16]}, "
+                f"model={cfg.model.name} (dtype {cfg.model.dtype}) hashes {found[:16]} over the "
+                f"{len(sliced.delta_modules(delta))} weights it changes. Load the base it was trained on "
+                f"(recorded: name={meta.get('base_name')!r} name_or_path={meta.get('base_name_or_path')!r} "
+                f"source={meta.get('base_source')!r} dtype={meta.get('base_dtype')!r})"
+            )
+    try:
+        sliced.apply_delta(model, delta)
+    except ValueError as err:
+        raise ConfigError(f"{delta_path} does not fit model={cfg.model.name}: {err}") from None
+    return model, tokenizer
+
+
 def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
-    """A saved result as a model: full export folder, PEFT adapter folder, run folder or Lightning .ckpt."""
+    """A saved result as a model: full export folder, PEFT adapter folder, run folder, NeFT delta
+    (`neft_delta.safetensors`, on its checked base model) or Lightning .ckpt."""
+    delta = _delta_file(path)
+    if delta is not None:
+        return _base_plus_delta(cfg, delta)
     if path.is_dir() and (path / "export").is_dir():
         path = path / "export"
     if path.is_dir() and (path / "adapter_config.json").exists():
@@ -339,6 +501,31 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
         f"ckpt={path} is not a run folder, an export folder (config.json or adapter_config.json) "
         "or a Lightning .ckpt file"
     )
+
+
+def export_saved(cfg: DictConfig) -> Path:
+    """`stage=export ckpt=<run>`: the saved result as a merged Hugging Face folder (default `<run>/export`)."""
+    path = Path(cfg.ckpt).expanduser()  # validate() checked that it is given and exists
+    run_root = path.parent.parent if path.suffix == ".ckpt" else path.parent if path.is_file() else path
+    out_setting = (cfg.get("export") or {}).get("out")
+    out = Path(out_setting).expanduser() if out_setting else run_root / "export"
+    if _delta_file(path) is None:
+        folder = path / "export" if (path / "export").is_dir() else path
+        if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+            logger.info("%s is already a Hugging Face folder: nothing to export", folder)
+            return folder
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, "paths.run_dir", str(run_root))  # this stage has no run folder of its own
+    cfg = _with_run_config(cfg, path)
+    model, tokenizer = _load_for_eval(cfg, path)
+    if hasattr(model, "merge_and_unload"):  # a PEFT model from a LoRA .ckpt
+        model = model.merge_and_unload()
+    sliced.merge(model)  # NeFT from a .ckpt: plain layers again (a no-op otherwise)
+    with atomic_dir(out) as tmp_dir:
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+    logger.info("exported %s to %s", path, out)
+    return out
 
 
 def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:

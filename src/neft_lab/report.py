@@ -400,6 +400,13 @@ def plot_metric(table: Table, task: str, requested: str | None) -> str | None:
 
 def plot_budget_vs_score(table: Table, path: Path, requested: str | None = None) -> Path:
     """Score against trainable % of all parameters (log x), one line per method family and panel per task."""
+    return _atomic_savefig(budget_vs_score_figure(table, requested), path)
+
+
+def budget_vs_score_figure(table: Table, requested: str | None = None) -> Any:
+    """The matplotlib Figure `plot_budget_vs_score` saves. A family with one point is drawn as a marker;
+    Full is a dashed line across the panel plus a marker at its own trainable %; the x range spans every
+    point with a margin (a single point alone would collapse a log axis to one value)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
@@ -423,11 +430,14 @@ def plot_budget_vs_score(table: Table, path: Path, requested: str | None = None)
             ax.text(0.5, 0.5, f"no {requested} for this task", ha="center", transform=ax.transAxes)
             continue
         ax.set_ylabel(names.get(metric, metric))
+        xs: list[float] = []
         for family, points in _family_points(table, task, metric).items():
             color = colors.setdefault(family, f"C{len(colors)}")
+            xs += [x for x, _ in points]
             if family == "Full":
-                for _, stat in points:
+                for x, stat in points:
                     ax.axhline(stat.mean, linestyle="--", color="black", label="Full")
+                    ax.plot([x], [stat.mean], marker="*", markersize=10, linestyle="none", color="black")
                     if stat.std:
                         ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
                 continue
@@ -437,16 +447,21 @@ def plot_budget_vs_score(table: Table, path: Path, requested: str | None = None)
                 [s.mean for _, s in points],
                 yerr=[s.std or 0.0 for _, s in points],
                 marker="o",
+                markersize=6,
                 capsize=3,
                 color=color,
                 label=family,
             )
+        if xs:  # log x: a factor of margin either side, wider when all points share one x
+            low, high = min(xs), max(xs)
+            pad = 1.5 if high / low > 1.5 else 3.0
+            ax.set_xlim(low / pad, high * pad)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(table.tasks) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    return _atomic_savefig(fig, path)
+    return fig
 
 
 def _family_points(table: Table, task: str, metric: str) -> dict[str, list[tuple[float, Stat]]]:

@@ -26,7 +26,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from neft_lab.errors import ConfigError
 
-STAGES = ("fit", "eval", "report")  # what `stage=` runs (neft_lab.pipeline)
+STAGES = ("fit", "eval", "report", "export")  # what `stage=` runs (neft_lab.pipeline)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -47,13 +47,16 @@ def validate(cfg: DictConfig) -> None:
     require_int(cfg, "eval.batch_size", 1, 16)
     require_int(cfg, "loader.eval_batch_size", 1, 16)
     _check_task(cfg)
-    if stage == "eval":  # model, strategy (and task unless given) come from the saved run
+    if stage in ("eval", "export"):  # model, strategy (and task unless given) come from the saved run
         ckpt = value_of(cfg, "ckpt")
         if not ckpt:
-            raise ConfigError("stage=eval needs ckpt=<run folder, export folder or .ckpt file>")
+            raise ConfigError(
+                f"stage={stage} needs ckpt=<run folder, export folder, neft_delta.safetensors or .ckpt file>"
+            )
         if not Path(str(ckpt)).expanduser().exists():
             raise ConfigError(
-                f"ckpt={ckpt} does not exist: give a run folder, its export/ folder or a .ckpt file"
+                f"ckpt={ckpt} does not exist: give a run folder, its export/ folder, its neft_delta.safetensors "
+                "or a .ckpt file"
             )
         return
     _check_optim(cfg)

