@@ -27,6 +27,23 @@ def _damage(data: bytes, how: str, where: float, junk: bytes) -> bytes:
     return data[:cut] + junk  # torn write: the start of the file, then garbage
 
 
+DAMAGES = {
+    "how": st.sampled_from(["truncate", "overwrite", "torn"]),
+    "where": st.floats(0, 1),
+    "junk": st.binary(min_size=1, max_size=64),
+}
+
+
+def _load_damaged(path: Path, data: bytes, damage: tuple, load):
+    """Write `data` damaged to `path` and load it: the loaded object, or None after a clean one-line refusal."""
+    path.write_bytes(_damage(data, *damage))
+    try:
+        return load(path)
+    except ConfigError as err:
+        assert str(path) in str(err) and "\n" not in str(err)
+        return None
+
+
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory) -> tuple[bytes, dict]:
     state = {
@@ -41,20 +58,11 @@ def checkpoint_bytes(tmp_path_factory) -> tuple[bytes, dict]:
 
 @pytest.mark.bad_input
 @SETTINGS
-@given(
-    how=st.sampled_from(["truncate", "overwrite", "torn"]),
-    where=st.floats(0, 1),
-    junk=st.binary(min_size=1, max_size=64),
-)
+@given(**DAMAGES)
 def test_a_damaged_checkpoint_loads_exactly_or_fails_cleanly(tmp_path, checkpoint_bytes, how, where, junk):
     data, state = checkpoint_bytes
-    damaged = _damage(data, how, where, junk)
-    path = Path(tmp_path) / "damaged.ckpt"
-    path.write_bytes(damaged)
-    try:
-        loaded = load_checkpoint(path)
-    except ConfigError as err:
-        assert str(path) in str(err) and "\n" not in str(err)
+    loaded = _load_damaged(Path(tmp_path) / "damaged.ckpt", data, (how, where, junk), load_checkpoint)
+    if loaded is None:
         return
     # the damage missed everything torch reads (e.g. padding in the zip): then it must be the same checkpoint
     assert loaded["global_step"] == state["global_step"]
@@ -77,21 +85,13 @@ def neuron_set_bytes(tmp_path_factory) -> tuple[bytes, dict]:
 
 @pytest.mark.bad_input
 @SETTINGS
-@given(
-    how=st.sampled_from(["truncate", "overwrite", "torn"]),
-    where=st.floats(0, 1),
-    junk=st.binary(min_size=1, max_size=64),
-)
+@given(**DAMAGES)
 def test_a_damaged_neuron_set_loads_exactly_or_fails_cleanly(tmp_path, neuron_set_bytes, how, where, junk):
     from neft_lab.neurons.neuron_set import NeuronSet
 
     data, indices = neuron_set_bytes
-    path = Path(tmp_path) / "damaged.safetensors"
-    path.write_bytes(_damage(data, how, where, junk))
-    try:
-        loaded = NeuronSet.load(path)
-    except ConfigError as err:
-        assert str(path) in str(err) and "\n" not in str(err)
+    loaded = _load_damaged(Path(tmp_path) / "damaged.safetensors", data, (how, where, junk), NeuronSet.load)
+    if loaded is None:
         return
     # damage that loads touched no index (e.g. only scores): the selection itself is the saved one
     assert loaded.indices.keys() == indices.keys()
