@@ -210,6 +210,7 @@ def _evaluate_split(
         batch_size=cfg.eval.batch_size,
         comet_model=cfg.eval.comet_model,
         desc=f"test ({label})",
+        loss=bool(cfg.eval.get("loss", True)),
     )
     logger.info("%s: %s", label, format_metrics(metrics))
     for row in rows[: cfg.eval.show]:
@@ -407,6 +408,10 @@ def _print_outcome(results: dict[str, Any], run_dir: Path) -> None:
     for label in ("before", "after"):
         if label in results:
             lines.append(f"{label:>6}: {format_metrics(results[label])}")
+    losses = [results.get(label, {}).get("loss") for label in ("before", "after")]
+    if None not in losses:  # learning shows here first: a small model's greedy output may still score 0 BLEU
+        change = 100 * (losses[1] - losses[0]) / losses[0]
+        lines.append(f"test loss {losses[0]:.2f} → {losses[1]:.2f} ({change:+.0f}%)")
     lines.append(f"wall time {results['wall_seconds']:.0f} s")
     logger.info("\n".join(lines))
 

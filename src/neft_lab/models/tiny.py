@@ -54,6 +54,7 @@ def _config(
     num_heads: int,
     num_kv_heads: int,
     max_positions: int,
+    init_std: float = 0.02,
 ):
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -72,6 +73,7 @@ def _config(
             num_key_value_heads=num_kv_heads,
             max_position_embeddings=max_positions,
             tie_word_embeddings=True,
+            initializer_range=init_std,
             **ids,
         )
     if arch == "gemma3":
@@ -88,6 +90,7 @@ def _config(
             max_position_embeddings=max_positions,
             sliding_window=64,
             final_logit_softcapping=30.0,
+            initializer_range=init_std,
             **ids,
         )
     if arch == "gpt2":
@@ -100,6 +103,7 @@ def _config(
             n_head=num_heads,
             n_inner=intermediate_size,
             n_positions=max_positions,
+            initializer_range=init_std,
             **ids,
         )
     raise ConfigError(f"unknown tiny architecture '{arch}': choose llama, gemma3 or gpt2 (model.tiny.arch)")
@@ -115,6 +119,7 @@ def build_tiny_model(
     max_positions: int = 1024,
     vocab_size: int = 512,
     seed: int = 0,
+    init_std: float = 0.02,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A randomly initialised model of the given family and its tokenizer, identical for the same seed."""
     tokenizer = build_tokenizer(vocab_size, seed)
@@ -128,6 +133,7 @@ def build_tiny_model(
         num_heads,
         num_kv_heads,
         max_positions,
+        init_std,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

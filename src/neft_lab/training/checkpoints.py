@@ -34,16 +34,46 @@ LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` into a temporary sibling, fsync, rename; `torch.load(weights_only=True)`."""
+    """`torch.save` into a temporary sibling, fsync, rename; `torch.load(weights_only=True)`.
+
+    One step, one file: Lightning writes `last.ckpt` before validation and the new best checkpoint after
+    it, at the same step — two full copies of one state. When the best follows `last.ckpt` at the same
+    step, `last.ckpt` becomes a second name (a hard link) of the best file, whose state is the later one
+    (it already records itself as the best). Every later write replaces a name by rename, so the other
+    name keeps its file; damage done *in place* to that one file would reach both names (docs: README,
+    "Reliability"). Where the filesystem has no hard links, the two copies stay.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_written: tuple[Path, int] | None = None  # last.ckpt written by this process, at this step
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
         with atomic_file(path, "wb") as handle:
             torch.save(checkpoint, handle)
+        step = int(checkpoint.get("global_step", -1))
+        if path.name == LAST:
+            self._last_written = (path, step)
+        elif self._last_written == (path.parent / LAST, step):
+            _link_over(path, path.parent / LAST)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location or "cpu")
+
+
+def _link_over(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source`, atomically (link beside it, then rename over it)."""
+    tmp = target.with_name(f".{target.name}.link-tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError as err:  # no hard links here (some network filesystems): keep both copies
+        tmp.unlink(missing_ok=True)
+        logger.debug("cannot link %s to %s (%s): keeping both copies", target.name, source.name, err)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
