@@ -261,7 +261,9 @@ def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_good_one(
     # a broken file lands at the name, as a copy or move that broke off leaves it (a new file: last.ckpt may be
     # a second name of the best checkpoint of its step, which keeps its own good copy; AtomicCheckpointIO)
     broken = last.with_name("broken")
-    broken.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    broken.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage]
+    )
     broken.replace(last)
     _in_process(tmp_path, run_dir)
     assert "last.ckpt is truncated or corrupted: resuming from" in caplog.text

@@ -91,9 +91,12 @@ def test_full_fine_tuning_of_a_bf16_model_trains_float32_masters(tiny_overrides,
     trained = load_file(str(run_dir / "export" / "model.safetensors"))
     base = _base_state(torch.bfloat16)
     for name, tensor in trained.items():
-        if name.endswith("proj.weight"):  # every linear weight gets a gradient on every entry
+        if name.endswith("proj.weight"):  # every linear weight gets a gradient on (nearly) every entry
             assert tensor.dtype == torch.float32, name
-            assert bool((tensor != base[name]).all()), f"{name}: some entries never moved"
+            # 5 steps of lr 2e-5 move ~1e-4: bf16 (8 bits of mantissa) would round nearly all of that away; the
+            # few entries whose gradients stay below AdamW's eps (1e-8) move less than float32 can show
+            moved = (tensor != base[name]).float().mean()
+            assert moved > 0.99, f"{name}: only {moved:.1%} of the entries moved"
 
 
 def test_precision_combinations_that_cannot_train_as_asked_are_refused():

@@ -155,7 +155,11 @@ def test_each_smoke_method_shows_its_test_loss_falling(strategy, tiny_overrides,
     run(compose([*tiny_overrides, f"strategy={strategy}"]))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     before, after = metrics["before"]["loss"], metrics["after"]["loss"]
-    assert after < 0.7 * before, (strategy, before, after)  # measured: full -98%, LoRA -49%, NeFT -40%, random -41%
+    assert after < 0.7 * before, (
+        strategy,
+        before,
+        after,
+    )  # measured: full -98%, LoRA -49%, NeFT -40%, random -41%
     outcomes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results in")]
     outcome = outcomes[-1]  # NeFT: after its reference run's
     assert f"test loss {before:.2f} → {after:.2f}" in outcome, outcome
@@ -169,7 +173,9 @@ def test_best_and_last_of_the_same_step_share_one_file(tiny_overrides, tmp_path)
 
     from neft_lab.pipeline import run
 
-    run(compose([*tiny_overrides, *SMALL]))  # 4 steps, validation every 2: the loss falls, best = last = step 4
+    run(
+        compose([*tiny_overrides, *SMALL])
+    )  # 4 steps, validation every 2: the loss falls, best = last = step 4
     folder = tmp_path / "run" / "checkpoints"
     files = sorted(folder.glob("*.ckpt"))
     assert {f.name for f in files} == {"last.ckpt", "step000004-val" + files[1].name.split("-val")[1]}, files

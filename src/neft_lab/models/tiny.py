@@ -18,6 +18,11 @@ from neft_lab.errors import ConfigError
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
+# transformers' default (0.02) leaves a 64-wide model's frozen random head unable to make a confident prediction:
+# every method that freezes the embeddings (NeFT, LoRA) then stalls at the unigram loss. 0.1 lifts that cap.
+INIT_STD = 0.1
+
+
 def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
     rng = random.Random(seed)
     corpus = [text for _ in range(3000) for text in sentence_pair(rng)]
@@ -54,7 +59,7 @@ def _config(
     num_heads: int,
     num_kv_heads: int,
     max_positions: int,
-    init_std: float = 0.02,
+    init_std: float = INIT_STD,
 ):
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -119,7 +124,7 @@ def build_tiny_model(
     max_positions: int = 1024,
     vocab_size: int = 512,
     seed: int = 0,
-    init_std: float = 0.02,
+    init_std: float = INIT_STD,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A randomly initialised model of the given family and its tokenizer, identical for the same seed."""
     tokenizer = build_tokenizer(vocab_size, seed)
