@@ -126,6 +126,13 @@ def _dumps(data: Any, **kwargs: Any) -> str:
     return json.dumps(strict_json(data), ensure_ascii=False, allow_nan=False, default=str, **kwargs)
 
 
+def atomic_savefig(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG, written like every other artifact (atomic, the umask's mode)."""
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    return Path(path)
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, _dumps(data, indent=2) + "\n")
 

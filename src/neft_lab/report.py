@@ -7,13 +7,16 @@ NeFT x%+Reversed y%, …), columns are tasks; a cell is the test metric's mean �
 deviation over the runs (seeds) of that method on that task, with their number. A line under the
 table gives the sacreBLEU signature(s) of the BLEU columns (cased or lowercased, tokenizer). Every run is read through
 `neft_lab.results.collect_runs`. Writes `<out>/table.md`, `<out>/table.csv` and
-`<out>/budget_vs_score.png` (out defaults to `<dir>/report`) and prints the Markdown table.
+`<out>/budget_vs_score.png` (out defaults to `<dir>/report`) and prints the Markdown table. Runs analysed
+by `stage=analyze` against their base model (`<run>/analysis/summary.json`) add the columns mean |ΔRank| and
+the counts of strongly affected, suppressed and indirectly affected vectors (docs/analysis.md).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import statistics
@@ -25,7 +28,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_file, atomic_write_text
+from neft_lab.io import atomic_savefig as _atomic_savefig  # a module name: tests wrap it
+from neft_lab.io import atomic_write_text
 from neft_lab.results import collect_runs
 
 logger = logging.getLogger(__name__)
@@ -126,7 +130,30 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         raise ConfigError(
             f"the {len(rows)} metrics.json under {root} are all from stage=eval: no training runs"
         )
-    return trained
+    return [_with_analysis(r) for r in trained]
+
+
+# stage=analyze writes <run>/analysis/summary.json (the run against its base model): key there → column
+ANALYSIS_COLUMNS = {
+    "mean_abs_delta_rank": ("mean abs ΔRank", ".1f"),
+    "strongly_affected": ("strongly affected", ".0f"),
+    "suppressed": ("suppressed", ".0f"),
+    "indirectly_affected": ("indirectly affected", ".0f"),
+}
+
+
+def _with_analysis(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's row plus `analysis_<key>` for the ANALYSIS_COLUMNS, when the run has an analysis."""
+    file = Path(run.get("run_dir", "")) / "analysis" / "summary.json"
+    try:
+        summary = json.loads(file.read_text()) if file.is_file() else None
+    except (OSError, ValueError):
+        logger.warning("report: %s is not readable JSON; no analysis columns for that run", file)
+        summary = None
+    if isinstance(summary, dict):
+        values = {**(summary.get("counts") or {}), "mean_abs_delta_rank": summary.get("mean_abs_delta_rank")}
+        run.update({f"analysis_{k}": values.get(k) for k in ANALYSIS_COLUMNS})
+    return run
 
 
 def percent(share: Any) -> str:
@@ -275,6 +302,15 @@ class Table:
         return statistics.median(values) if values else None
 
     @staticmethod
+    def analysis(row: Row, key: str) -> float | None:
+        """The mean over the row's analysed runs of an ANALYSIS_COLUMNS value (stage=analyze)."""
+        return Stat.of([r.get(f"analysis_{key}") for r in row.all_runs]).mean
+
+    @property
+    def has_analysis(self) -> bool:
+        return any(k.startswith("analysis_") for row in self.rows for r in row.all_runs for k in r)
+
+    @staticmethod
     def peak_memory_gib(row: Row) -> float | None:
         """The largest peak over the row's runs."""
         values = [r["train_peak_memory_bytes"] for r in row.all_runs if r.get("train_peak_memory_bytes")]
@@ -337,14 +373,33 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def learning_rates(row: Row) -> str:
+    """The lr(s) a row's runs trained with (optim.lr of their config.yaml), e.g. '2e-05' or '0.0001, 0.0002'."""
+    values = sorted({float(r["lr"]) for r in row.all_runs if isinstance(r.get("lr"), (int, float))})
+    return ", ".join(f"{v:.3g}" for v in values) or "–"
+
+
+def lr_column(table: Table) -> bool:
+    """An lr column when the methods trained with different learning rates (tuned per method: lr_search.py);
+    otherwise the one learning rate is a line under the table."""
+    return len({learning_rates(row) for row in table.rows}) > 1
+
+
+def lr_note(table: Table) -> str:
+    rates = {learning_rates(row) for row in table.rows}
+    return "" if len(rates) != 1 or rates == {"–"} else f"Learning rate: {rates.pop()} (every run)\n"
+
+
 def to_markdown(table: Table) -> str:
-    header = ["method"] + (["model"] if table.show_model else [])
+    header = ["method"] + (["model"] if table.show_model else []) + (["lr"] if lr_column(table) else [])
     for task in table.tasks:
         header += [f"{task} {name}" for _, name in table.metrics[task]]
     header += ["trainable %", "step s (median)", "peak mem GiB", "runs"]
+    header += [name for name, _ in ANALYSIS_COLUMNS.values()] if table.has_analysis else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
         cells = [row.method.label] + ([row.model] if table.show_model else [])
+        cells += [learning_rates(row)] if lr_column(table) else []
         for task in table.tasks:
             cells += [table.stat(row, task, key).cell() for key, _ in table.metrics[task]]
         cells += [
@@ -353,8 +408,10 @@ def to_markdown(table: Table) -> str:
             _fmt(table.peak_memory_gib(row), ".2f"),
             str(len(row.all_runs)),
         ]
+        if table.has_analysis:
+            cells += [_fmt(table.analysis(row, key), spec) for key, (_, spec) in ANALYSIS_COLUMNS.items()]
         lines.append("| " + " | ".join(cells) + " |")
-    note = bleu_note(table.bleu_signatures)
+    note = lr_note(table) + bleu_note(table.bleu_signatures)
     return "\n".join(lines) + "\n" + (f"\n{note}" if note else "")
 
 
@@ -363,7 +420,8 @@ def to_csv(table: Table) -> str:
     header = ["method", "family", "model"]
     for task in table.tasks:
         header += [f"{task}/{key}/{part}" for key, _ in table.metrics[task] for part in ("mean", "std", "n")]
-    header += ["trainable_percent", "step_seconds_median", "peak_memory_gib", "runs", "seeds"]
+    header += ["trainable_percent", "step_seconds_median", "peak_memory_gib", "runs", "seeds", "lr"]
+    header += [f"analysis_{key}" for key in ANALYSIS_COLUMNS] if table.has_analysis else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -380,7 +438,10 @@ def to_csv(table: Table) -> str:
             _num(table.peak_memory_gib(row)),
             len(row.all_runs),
             " ".join(str(s) for s in seeds),
+            learning_rates(row),
         ]
+        if table.has_analysis:
+            cells += [_num(table.analysis(row, key)) for key in ANALYSIS_COLUMNS]
         writer.writerow(cells)
     return buffer.getvalue()
 
@@ -476,12 +537,6 @@ def _family_points(table: Table, task: str, metric: str) -> dict[str, list[tuple
                 family = f"{family} ({row.model})"
             points[family].append((x, stat))
     return points
-
-
-def _atomic_savefig(fig: Any, path: Path) -> Path:
-    with atomic_file(path, "wb") as handle:  # the mode the umask gives, like every other artifact
-        fig.savefig(handle, format="png", dpi=120)
-    return path
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
