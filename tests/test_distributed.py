@@ -98,7 +98,7 @@ def _check_once(output: str, run_dir: Path) -> None:
     """Rank 1 stopped after fit; rank 0 alone exported, evaluated and wrote the results."""
     assert "rank 1: training done" in output
     assert output.count(f"results in {run_dir}/metrics.json") == 1
-    assert output.count("after fine-tuning: bleu") == 1
+    assert output.count("after fine-tuning: loss=") == 1
     assert (run_dir / "predictions.jsonl").exists() and (run_dir / "export").is_dir()
     assert read_metrics(run_dir)["train"]["steps"] == 6
 
@@ -150,7 +150,7 @@ def test_torchrun_ranks_share_one_reference_run(jobs):
     """Both ranks start together and call the scoring; the cache lock lets one run the reference."""
     output, _ = jobs["fsdp_neft"].result()
     assert output.count("reference run: full fine-tuning") == 1
-    assert output.count("neuron scores from cache") >= 2  # the other rank, after waiting for the lock
+    assert output.count("neuron scores from cache") == 1  # the other rank, after waiting for the lock
 
 
 def test_fsdp_full_trains_the_same_model_as_ddp(jobs):

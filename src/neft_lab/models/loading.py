@@ -172,5 +172,22 @@ def check_hub_reachable(name_or_path: str, revision: str | None = None, timeout:
         ) from err
 
 
+def model_skeleton(cfg: Any) -> PreTrainedModel:
+    """The model's modules and shapes without its weights (meta tensors): what counting parameters and laying
+    out neuron vectors need, in milliseconds and no memory, also for a 7B model."""
+    folder = model_folder(cfg)
+    if folder is None:  # tiny: built in memory anyway, and cheap
+        return load_model(cfg)[0]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        folder, revision=_get(cfg, "revision"), trust_remote_code=bool(_get(cfg, "trust_remote_code", False))
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config, trust_remote_code=bool(_get(cfg, "trust_remote_code", False))
+        )
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,10 +1,10 @@
-"""The paper's chain before NeFT training: reference full fine-tune → cosine scores → selection.
+"""What the selection chain (reference → scores → neuron set) is, as data: keys, cache folders, checks.
 
-The reference weights and the scores are cached under `<cache_dir>/neft/<key>/`, keyed by the
-reference run's own resolved config minus what cannot change its weights (`NOT_WEIGHTS`: logging,
-evaluation, paths; the key is written to key.json), and built under a file lock: a
-sweep over budgets or selection methods computes them once, and concurrent jobs wait for the
-first instead of duplicating or corrupting the work.
+Nothing here trains or loads a model to train: the stages that run the reference fine-tune and the
+scorers live in `neft_lab.chain` (the pipeline's layer), which composes them. This module says
+*which* reference run and which scores a config asks for (`reference_config`, `scores_key`), where they
+are cached (`cache_folder`, `scores_folder`: keyed by everything that can change them, written to the
+scores file's metadata) and how a set is chosen from a scores file (`build_neuron_set`).
 """
 
 from __future__ import annotations
@@ -12,28 +12,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import apply_umask, atomic_write_json
+from neft_lab.neurons import scores_file as scores_io
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet, neuron_set_file
-from neft_lab.neurons.scoring import WeightSource, cosine_scores
+from neft_lab.neurons.scorers import HIGHER_IS_SELECTED
+from neft_lab.neurons.scoring import WeightSource
 from neft_lab.neurons.selection import Budget, check_pooling, select
 
 logger = logging.getLogger(__name__)
 
-SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")
+SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")  # "cosine": the scorer's most affected first
 ALL_METHODS = (*SCORED_METHODS, "random", "from_file", "union")
+SCORERS = tuple(HIGHER_IS_SELECTED)  # cosine (the paper) | lora_reference | gradient | probe
+REFERENCE_SCORERS = ("cosine", "lora_reference")  # scorers that need a reference fine-tune
+DATA_SCORERS = ("gradient",)  # scorers that read the task's training data themselves
 
 
 # What cannot change the reference weights: logging, evaluation, checkpoints, output paths, the run's
@@ -56,19 +57,47 @@ NOT_WEIGHTS = (
 # fmt: on
 
 
+def scorer_of(cfg: DictConfig) -> str:
+    """`selection.scorer` (cosine when absent), checked."""
+    scorer = str(cfg.selection.get("scorer") or "cosine")
+    if scorer not in SCORERS:
+        raise ConfigError(f"selection.scorer={scorer!r}: unknown scorer, choose one of {SCORERS}")
+    return scorer
+
+
+def reference_strategy(cfg: DictConfig) -> dict[str, Any]:
+    """The reference run's strategy: full fine-tuning (the paper), or LoRA on all linear layers (lora_reference)."""
+    if scorer_of(cfg) != "lora_reference":
+        return {"name": "full"}
+    lora = cfg.selection.lora_reference
+    return {
+        "name": "lora",
+        "r": int(lora.r),
+        "alpha": int(lora.alpha),
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        "bias": "none",
+        "merge_on_export": False,
+    }
+
+
 def reference_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config of the reference run: a full fine-tune of selection.reference.steps steps."""
+    """The resolved config of the reference run: a full (or, for lora_reference, a LoRA) fine-tune of
+    selection.reference.steps steps."""
     ref = cfg.selection.reference
     derived = OmegaConf.to_container(cfg, resolve=True)
     derived.update(
-        strategy={"name": "full"},
+        stage="fit",
+        strategy=reference_strategy(cfg),
         selection={"name": "none"},
         callbacks={},
         logger={},
         eval={**derived["eval"], "before": False, "after": False},
         export={"enabled": True},
     )
-    derived["optim"]["lr"] = float(ref.lr)
+    derived["optim"]["lr"] = float(
+        cfg.selection.lora_reference.lr if scorer_of(cfg) == "lora_reference" else ref.lr
+    )
     derived["loader"]["batch_size"] = int(ref.batch_size)
     derived["trainer"].update(
         max_steps=int(ref.steps),
@@ -79,53 +108,136 @@ def reference_config(cfg: DictConfig) -> dict[str, Any]:
     return derived
 
 
-def reference_key(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that changes the reference weights (hence the scores), plus the kinds that are scored."""
-    key = reference_config(cfg)
-    for dotted in NOT_WEIGHTS:
+def _without(config: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, Any]:
+    for dotted in dotted_keys:
         *parents, leaf = dotted.split(".")
-        node = key
+        node = config
         for part in parents:
             node = node.get(part) or {}
         if isinstance(node, dict):
             node.pop(leaf, None)
+    return config
+
+
+def reference_key(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that changes the reference weights (hence the scores): the reference run's config minus
+    NOT_WEIGHTS, the fingerprints of the base weights and of the training data, and the kinds scored."""
+    key = _without(reference_config(cfg), NOT_WEIGHTS)
+    if scorer_of(cfg) == "lora_reference":
+        key["reference_strategy"] = reference_strategy(cfg)
     key["kinds"] = sorted(cfg.selection.modules)
+    key["fingerprints"] = {"model": model_fingerprint(cfg.model), "data": data_fingerprint(cfg)}
     return key
 
 
+def scores_key(cfg: DictConfig) -> dict[str, Any]:
+    """Everything the scores of this config depend on; a scores file records it and is refused for another."""
+    scorer = scorer_of(cfg)
+    if scorer in REFERENCE_SCORERS:
+        return {"scorer": scorer, **reference_key(cfg)}
+    sel = cfg.selection
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    key: dict[str, Any] = {
+        "scorer": scorer,
+        "model": _without(resolved["model"], ("cache_dir",)),
+        "kinds": sorted(sel.modules),
+        "fingerprints": {"model": model_fingerprint(cfg.model)},
+    }
+    if scorer == "gradient":
+        task = _without(
+            resolved["task"], tuple(k.removeprefix("task.") for k in NOT_WEIGHTS if k.startswith("task."))
+        )
+        key.update(
+            task=task,
+            seed=int(cfg.seed),
+            batch_size=int(sel.gradient.batch_size),
+            batches=int(sel.gradient.batches),
+            per_example=bool(sel.gradient.per_example),
+        )
+        key["fingerprints"]["data"] = data_fingerprint(cfg)
+    else:  # probe
+        probe = OmegaConf.to_container(sel.probe, resolve=True)
+        key.update(probe=probe)
+        key["fingerprints"]["data"] = (
+            file_fingerprint(Path(probe["file"])) if probe.get("file") else data_fingerprint(cfg)
+        )
+    return key
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def cache_folder(cfg: DictConfig) -> Path:
+    """The reference run's cache folder (also home of its scores)."""
     key = reference_key(cfg)
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    name = f"{cfg.model.name}-{cfg.task.name}-K{key['trainer']['max_steps']}-s{key['seed']}-{digest}"
+    kind = "" if scorer_of(cfg) == "cosine" else "lora-"
+    name = (
+        f"{kind}{cfg.model.name}-{cfg.task.name}-K{key['trainer']['max_steps']}-s{key['seed']}-{_digest(key)}"
+    )
     return Path(cfg.paths.cache_dir) / "neft" / name.replace("/", "_")
 
 
-def ensure_scores(cfg: DictConfig) -> Path:
-    """Path of the cached scores for this config, running the reference fine-tune and scoring if needed."""
-    folder = cache_folder(cfg)
-    scores_file = folder / "scores.safetensors"
-    if scores_file.exists():
-        logger.info("neuron scores from cache: %s", scores_file)
-        return scores_file
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / ".lock")):
-        if scores_file.exists():  # another job finished it while we waited
-            return scores_file
-        reference = _reference_model(cfg, folder)
-        started = time.perf_counter()
-        base = base_weights(cfg)
-        space = NeuronSpace.from_shapes(base.model_type, base.shapes(), cfg.selection.modules)
-        scores = cosine_scores(base, WeightSource(reference), space)
-        tmp = folder / ".scores.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp))
-        apply_umask(tmp)  # safetensors writes 0600; the cache is shared
-        tmp.replace(scores_file)
-        atomic_write_json(
-            folder / "key.json", {**reference_key(cfg), "scoring_seconds": time.perf_counter() - started}
+def scores_folder(cfg: DictConfig) -> Path:
+    """Where this config's scores are cached: beside their reference run, or under `scores/` (other scorers)."""
+    scorer = scorer_of(cfg)
+    if scorer in REFERENCE_SCORERS:
+        return cache_folder(cfg)
+    name = f"{scorer}-{cfg.model.name}-{cfg.task.name}-{_digest(scores_key(cfg))}"
+    return Path(cfg.paths.cache_dir) / "scores" / name.replace("/", "_")
+
+
+def model_fingerprint(model_cfg: Any) -> str:
+    """The base weights' identity: for a folder, its config and each weight file's size, head and tail; for a
+    tiny model, its config (the weights are a function of it)."""
+    from neft_lab.models.loading import model_folder
+
+    folder = model_folder(model_cfg)
+    if folder is None or not Path(folder).is_dir():  # tiny: built from its config; hub id: name + revision
+        raw = (
+            OmegaConf.to_container(model_cfg, resolve=True)
+            if isinstance(model_cfg, DictConfig)
+            else model_cfg
         )
-        if not cfg.selection.reference.keep:
-            shutil.rmtree(reference.parent, ignore_errors=True)
-    return scores_file
+        return _digest(_without(dict(raw), ("cache_dir",)))
+    return _folder_fingerprint(str(Path(folder).resolve()))
+
+
+@lru_cache(maxsize=16)
+def _folder_fingerprint(folder: str) -> str:
+    files = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    return _digest({p.name: file_fingerprint(p) for p in files})
+
+
+def file_fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """Size plus the first and last MiB: any re-save or edit of a weight or data file changes it, read in ms."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    size = path.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(edge))
+        if size > 2 * edge:
+            handle.seek(-edge, 2)
+            digest.update(handle.read(edge))
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(cfg: DictConfig) -> str:
+    """The training examples' content (sources and targets, in order): a changed data file is a new key."""
+    task = json.dumps(OmegaConf.to_container(cfg.task, resolve=True), sort_keys=True, default=str)
+    return _data_fingerprint(task, int(cfg.seed))
+
+
+@lru_cache(maxsize=16)
+def _data_fingerprint(task_json: str, seed: int) -> str:
+    from neft_lab.data.task import Task
+
+    train = Task.from_config(json.loads(task_json)).load_splits(seed)["train"]
+    digest = hashlib.sha1()
+    for example in train:
+        digest.update(example.source.encode() + b"\x1f" + example.target.encode() + b"\x1e")
+    return digest.hexdigest()[:16]
 
 
 _BASE_CACHE: dict[str, WeightSource] = {}
@@ -149,45 +261,11 @@ def base_weights(cfg: DictConfig) -> WeightSource:
     return _BASE_CACHE[key]
 
 
-def _reference_model(cfg: DictConfig, folder: Path) -> Path:
-    """Fine-tune the whole model for selection.reference.steps steps; returns its exported folder."""
-    export = folder / "reference" / "export"
-    if (export / "config.json").exists():
-        return export
-    from neft_lab.pipeline import run
-
-    ref = cfg.selection.reference
-    logger.info(
-        "reference run: full fine-tuning for %d steps (lr %g) to score neurons → %s",
-        ref.steps,
-        ref.lr,
-        folder,
-    )
-    derived = reference_config(cfg)
-    # One process, whatever the run uses: under trainer=ddp/fsdp whichever rank takes the cache lock
-    # runs this (before any process group exists) and must not launch ranks of its own — on its own
-    # GPU, not on GPU 0, where another rank will train.
-    import os
-
-    gpu = derived["trainer"].get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
-    derived["trainer"].update(
-        devices=[local_rank % torch.cuda.device_count()] if gpu else 1,
-        num_nodes=1,
-        strategy="auto",
-    )
-    derived["paths"]["run_dir"] = str(folder / "reference")
-    # "reference step k/K" (a bar over max_steps), not Lightning's default bar, which reads "Epoch 0/-2"
-    bar = {"_target_": "neft_lab.pipeline.StepProgressBar", "label": "reference step"}
-    derived["callbacks"] = (
-        {"progress_bar": bar} if derived["trainer"].get("enable_progress_bar", True) else {}
-    )
-    run(OmegaConf.create(derived))
-    return export
-
-
-def build_neuron_set(cfg: DictConfig, model: nn.Module, total_parameters: int) -> NeuronSet:
-    """The neuron set the config asks for, checked against `model`."""
+def build_neuron_set(
+    cfg: DictConfig, model: nn.Module, total_parameters: int, scores_path: str | Path | None = None
+) -> NeuronSet:
+    """The neuron set the config asks for, checked against `model`; scored methods read `scores_path` (a
+    scores file from `neft_lab.chain`, checked to be this config's)."""
     sel = cfg.selection
     method = selection_method(sel)
     if method in ("from_file", "union"):
@@ -203,20 +281,31 @@ def build_neuron_set(cfg: DictConfig, model: nn.Module, total_parameters: int) -
     space = NeuronSpace.from_model(model, sel.modules)
     budget = Budget(sel.budget.kind, float(sel.budget.value)).parameters(space, total_parameters, model)
     reverse = round(float(sel.reverse_share) * total_parameters) if method == "cosine_plus_reverse" else 0
+    scorer, ranked = None, None
     if method == "random":
         scores = {g.name: torch.zeros(g.count) for g in space.groups}
     else:
-        scores = load_file(str(ensure_scores(cfg)))
+        if scores_path is None:
+            raise ConfigError(
+                f"selection.method={method} needs neuron scores: run it through `python -m neft_lab` (which runs "
+                "the reference and scoring stages first) or give selection.scores=<scores.safetensors>"
+            )
+        scores, info = scores_io.load(scores_path, expected=scores_key(cfg))
+        scorer = info["scorer"]
+        # select() takes the lowest first (the paper's cosine); a scorer whose highest are its most important
+        # is ranked by the negated scores, so method=cosine/reverse mean "most/least affected first" for every scorer
+        ranked = {k: -v for k, v in scores.items()} if HIGHER_IS_SELECTED[scorer] else scores
     meta = {
         "model": {"name": cfg.model.name, "name_or_path": cfg.model.get("name_or_path")},
         "task": cfg.task.name,
         "budget": {"kind": sel.budget.kind, "value": float(sel.budget.value)},
-        "reference_steps": int(sel.reference.steps) if method != "random" else None,
+        "reference_steps": int(sel.reference.steps) if scorer in REFERENCE_SCORERS else None,
+        "scorer": scorer,
+        "scores_file": None if scores_path is None else str(scores_path),
         "total_parameters": total_parameters,
     }
-    neuron_set = select(scores, space, budget, method, sel.pooling, int(sel.seed), reverse, meta)
-    if method == "random":
-        neuron_set.scores = {}
+    neuron_set = select(ranked or scores, space, budget, method, sel.pooling, int(sel.seed), reverse, meta)
+    neuron_set.scores = {} if method == "random" else dict(scores)  # as the scorer gave them
     return neuron_set
 
 
@@ -266,7 +355,29 @@ def check_selection(cfg: DictConfig) -> None:
     Budget(str(kind), value).check(key)
     if method == "cosine_plus_reverse":
         require_number(cfg, "selection.reverse_share", ">= 0 and <= 1", lambda v: 0 <= v <= 1)
-    if method in SCORED_METHODS:  # the reference fine-tune
+    if method not in SCORED_METHODS:
+        return
+    scorer = scorer_of(cfg)
+    given = value_of(cfg, "selection.scores") if "scores" in sel else None
+    if given:  # a scores file from stage=score: it must exist and be one (its key is checked when it is read)
+        if not Path(str(given)).expanduser().is_file():
+            raise ConfigError(f"selection.scores={given}: no such file (make one with stage=score)")
+        return
+    if scorer in REFERENCE_SCORERS:  # the reference fine-tune
         require_int(cfg, "selection.reference.steps", 1)
         require_number(cfg, "selection.reference.lr", "> 0", lambda v: v > 0)
         require_int(cfg, "selection.reference.batch_size", 1)
+    if scorer == "lora_reference":
+        require_int(cfg, "selection.lora_reference.r", 1)
+        require_number(cfg, "selection.lora_reference.lr", "> 0", lambda v: v > 0)
+    elif scorer == "gradient":
+        require_int(cfg, "selection.gradient.batches", 1)
+        require_int(cfg, "selection.gradient.batch_size", 1)
+    elif scorer == "probe":
+        probe_file = value_of(cfg, "selection.probe.file")
+        if probe_file and not Path(str(probe_file)).expanduser().is_file():
+            raise ConfigError(
+                f'selection.probe.file={probe_file}: no such file (a JSON-lines file of {{"text": ..., "label": ...}}, '
+                "or null to probe source-vs-target language on the task's training data)"
+            )
+        require_int(cfg, "selection.probe.max_examples", 2)

@@ -1,6 +1,8 @@
 """NeFT: only the selected neuron vectors train (`random_neuron` and `reverse_selection` are the same
-strategy with another selection). The neuron set comes from `neft_lab.neurons.workflow`; the
-sliced layers that make only those vectors parameters come from `neft_lab.neurons.sliced`."""
+strategy with another selection). The neuron set is chosen by `neft_lab.neurons.workflow` from a
+neuron-set file or from the scores the pipeline's selection stages made (`neft_lab.chain`: this
+strategy never starts a run); the sliced layers that make only those vectors parameters come from
+`neft_lab.neurons.sliced`."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from neft_lab.models.loading import parameter_count
 from neft_lab.neurons import sliced
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
-from neft_lab.neurons.workflow import SCORED_METHODS, build_neuron_set, check_selection, ensure_scores
+from neft_lab.neurons.workflow import build_neuron_set, check_selection
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 from neft_lab.training.distributed import launched_as_rank_zero, uses_fsdp2
 
@@ -51,12 +53,10 @@ class NeftStrategy(TrainingStrategy):
         if str((cfg.get("optim") or {}).get("clip_scope", "selected")) == "paper":
             _check_paper_clipping(cfg.get("trainer") or {})
 
+    uses_selection = True  # the pipeline runs the selection stages (reference, score) before `prepare`
+
     def prepare(self, ctx: StrategyContext) -> None:
-        """Run (or find cached) the reference fine-tune and scores before the model to train is loaded."""
-        cfg = ctx.cfg
-        self.check_config(cfg)
-        if cfg.selection.get("method") in SCORED_METHODS and "neuron_set_file" not in ctx.extras:
-            ensure_scores(cfg)
+        self.check_config(ctx.cfg)
 
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         total = parameter_count(model)
@@ -64,7 +64,7 @@ class NeftStrategy(TrainingStrategy):
             neuron_set = NeuronSet.load(ctx.extras["neuron_set_file"])
             neuron_set.check_same_space(NeuronSpace.from_model(model, neuron_set.space.kinds))
         else:
-            neuron_set = build_neuron_set(ctx.cfg, model, total)
+            neuron_set = build_neuron_set(ctx.cfg, model, total, ctx.extras.get("scores_file"))
         if ctx.run_dir is not None and launched_as_rank_zero():  # every rank selects the same set
             neuron_set.save(Path(ctx.run_dir) / "neuron_set")
         summary = neuron_set.summary(total)

@@ -1,0 +1,260 @@
+"""NeFT's selection chain as stages: reference → score → select, composed by the pipeline before fit.
+
+    python -m neft_lab stage=reference selection=cosine ...     # the short full fine-tune (cached)
+    python -m neft_lab stage=score     selection=cosine ...     # scores of every neuron vector (cached)
+    python -m neft_lab stage=select    selection=cosine selection.scores=<scores.safetensors> budget=0.09
+    python -m neft_lab strategy=neft   selection=from_file selection.file=<neuron set>    # fit on that set
+
+`strategy=neft` without a set runs the same stages in one command (`scores_for_fit`). Strategies and
+`neft_lab.neurons` never start a run: the reference fine-tune is started here, through `pipeline.run`,
+and the scorers (`neurons/scorers/`) only read models and data. Every output is keyed by what it was
+made from (`workflow.scores_key`: model and data fingerprints, reference and scorer settings), so a
+changed input makes a new one and a stale file given by hand is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from neft_lab.errors import ConfigError
+from neft_lab.neurons import scores_file as scores_io
+from neft_lab.neurons import workflow
+from neft_lab.neurons.geometry import NeuronSpace
+from neft_lab.neurons.neuron_set import NeuronSet
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage(cfg: DictConfig) -> Path:
+    """`stage=reference|score|select`: run that stage (and, cached, what it needs); returns what it wrote."""
+    if cfg.stage == "reference":
+        out = reference(cfg)
+        logger.info("reference model: %s", out)
+    elif cfg.stage == "score":
+        out = scores(cfg)
+        logger.info("scores: %s (next: python -m neft_lab stage=select selection.scores=%s ...)", out, out)
+    else:
+        out = select_to_file(cfg)
+        logger.info(
+            "neuron set: %s (train on it: python -m neft_lab strategy=neft selection=from_file selection.file=%s)",
+            out,
+            out,
+        )
+    return out
+
+
+# ---- reference ------------------------------------------------------------------------------------------
+def reference(cfg: DictConfig) -> Path:
+    """The reference fine-tune's exported model (full: a HF folder; lora_reference: a PEFT adapter), cached."""
+    folder = workflow.cache_folder(cfg)
+    export = folder / "reference" / "export"
+    if _exported(export):
+        logger.info("reference model from cache: %s", export)
+        return export
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        if not _exported(export):  # another job may have finished it while we waited
+            _run_reference(cfg, folder)
+    return export
+
+
+def _exported(export: Path) -> bool:
+    return (export / "config.json").exists() or (export / "adapter_config.json").exists()
+
+
+def _run_reference(cfg: DictConfig, folder: Path) -> None:
+    from neft_lab.pipeline import run
+
+    derived = workflow.reference_config(cfg)
+    logger.info(
+        "reference run: %s for %d steps (lr %g) to score neurons → %s",
+        "full fine-tuning" if derived["strategy"]["name"] == "full" else f"LoRA r={derived['strategy']['r']}",
+        cfg.selection.reference.steps,
+        derived["optim"]["lr"],
+        folder,
+    )
+    # One process, whatever the run uses: under trainer=ddp/fsdp whichever rank takes the cache lock
+    # runs this (before any process group exists) and must not launch ranks of its own — on its own
+    # GPU, not on GPU 0, where another rank will train.
+    gpu = derived["trainer"].get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+    derived["trainer"].update(
+        devices=[local_rank % torch.cuda.device_count()] if gpu else 1, num_nodes=1, strategy="auto"
+    )
+    derived["paths"]["run_dir"] = str(folder / "reference")
+    # "reference step k/K" (a bar over max_steps), not Lightning's default bar, which reads "Epoch 0/-2"
+    bar = {"_target_": "neft_lab.pipeline.StepProgressBar", "label": "reference step"}
+    derived["callbacks"] = (
+        {"progress_bar": bar} if derived["trainer"].get("enable_progress_bar", True) else {}
+    )
+    run(OmegaConf.create(derived))
+
+
+# ---- score ----------------------------------------------------------------------------------------------
+def scores(cfg: DictConfig) -> Path:
+    """This config's scores file, computed (after its reference run, if the scorer has one) unless cached."""
+    given = cfg.selection.get("scores")
+    if given:  # a file from an earlier stage=score: checked against this config when read
+        scores_io.load(Path(str(given)).expanduser(), expected=workflow.scores_key(cfg))
+        return Path(str(given)).expanduser()
+    folder = workflow.scores_folder(cfg)
+    out = folder / "scores.safetensors"
+    key = workflow.scores_key(cfg)
+    if _fresh(out, key):
+        logger.info("neuron scores from cache: %s", out)
+        return out
+    reference_model = reference(cfg) if workflow.scorer_of(cfg) in workflow.REFERENCE_SCORERS else None
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        if _fresh(out, key):
+            logger.info("neuron scores from cache: %s (made by another job while this one waited)", out)
+            return out
+        started, rss_before = time.perf_counter(), _peak_rss_gib()
+        computed = _compute(cfg, reference_model)
+        info = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "peak_rss_gib": round(_peak_rss_gib(), 3),  # of this process so far (the reference run included)
+            "peak_rss_gib_before": round(rss_before, 3),
+            "vectors": sum(int(v.numel()) for v in computed.values()),
+        }
+        scores_io.save(out, computed, key, info)
+        if reference_model is not None and not cfg.selection.reference.keep:
+            import shutil
+
+            shutil.rmtree(reference_model.parent, ignore_errors=True)
+    return out
+
+
+def _fresh(path: Path, key: dict[str, Any]) -> bool:
+    if not path.exists():
+        return False
+    try:
+        scores_io.load(path, expected=key)
+    except ConfigError as err:  # a cache entry of another version or damaged: make it again
+        logger.warning("%s; scoring again", err)
+        return False
+    return True
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _compute(cfg: DictConfig, reference_model: Path | None) -> dict[str, torch.Tensor]:
+    from neft_lab.models.loading import load_model
+
+    scorer = workflow.scorer_of(cfg)
+    kinds = list(cfg.selection.modules)
+    if scorer == "cosine":
+        from neft_lab.neurons.scoring import WeightSource, cosine_scores
+
+        base = workflow.base_weights(cfg)
+        space = NeuronSpace.from_shapes(base.model_type, base.shapes(), kinds)
+        return cosine_scores(base, WeightSource(reference_model), space)
+    model, tokenizer = load_model(cfg.model)
+    space = NeuronSpace.from_model(model, kinds)
+    if scorer == "lora_reference":
+        from peft import PeftModel
+
+        from neft_lab.neurons.scorers.lora_reference import lora_reference_scores
+
+        tuned = PeftModel.from_pretrained(model, str(reference_model))
+        return lora_reference_scores(tuned, tuned, space)
+    if scorer == "gradient":
+        from neft_lab.neurons.scorers.gradient import gradient_scores
+
+        grad = cfg.selection.gradient
+        batches = _train_batches(cfg, tokenizer, int(grad.batch_size))
+        return gradient_scores(
+            model, batches, space, max_batches=int(grad.batches), per_example=bool(grad.per_example)
+        )
+    from neft_lab.neurons.scorers.probe import probe_scores
+
+    texts, labels = probe_data(cfg)
+    probe = cfg.selection.probe
+    alpha = None if probe.get("alpha") is None else float(probe.alpha)
+    return probe_scores(model, tokenizer, texts, labels, space, alpha=alpha, batch_size=int(probe.batch_size))
+
+
+def _train_batches(cfg: DictConfig, tokenizer: Any, batch_size: int) -> Any:
+    """The task's training batches in the training run's order (the same seeded shuffle)."""
+    from neft_lab.data.datamodule import TaskDataModule
+    from neft_lab.data.encoding import PromptEncoder
+    from neft_lab.data.task import Task
+
+    task = Task.from_config(cfg.task)
+    encoder = PromptEncoder(tokenizer, task, chat_template=cfg.model.chat_template)
+    datamodule = TaskDataModule(task, encoder, batch_size=batch_size, seed=int(cfg.seed))
+    datamodule.setup()
+    return datamodule.train_dataloader()
+
+
+def probe_data(cfg: DictConfig) -> tuple[list[str], list[int]]:
+    """The probe's labelled examples: `selection.probe.file` (JSON lines with "text" and an integer "label"),
+    or, when none is given, language identification on the task's training pairs (sources label 0, targets 1)."""
+    probe = cfg.selection.probe
+    limit = int(probe.max_examples)
+    if probe.get("file"):
+        path = Path(str(probe.file)).expanduser()
+        texts, labels = [], []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+                labels.append(int(row["label"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ConfigError(
+                    f'{path}:{number}: each line must be a JSON object with "text" and an integer "label"'
+                ) from None
+        return texts[:limit], labels[:limit]
+    from neft_lab.data.task import Task
+
+    train = Task.from_config(cfg.task).load_splits(int(cfg.seed))["train"][: max(limit // 2, 1)]
+    return [e.source for e in train] + [e.target for e in train], [0] * len(train) + [1] * len(train)
+
+
+# ---- select ---------------------------------------------------------------------------------------------
+def select_to_file(cfg: DictConfig) -> Path:
+    """`stage=select`: the neuron set of this config's scores and budget, written to `selection.out`."""
+    neuron_set = select_set(cfg, scores(cfg))
+    out_setting = cfg.selection.get("out")
+    out = Path(str(out_setting)).expanduser() if out_setting else _default_set_path(cfg, neuron_set)
+    return neuron_set.save(out)
+
+
+def select_set(cfg: DictConfig, scores_path: Path) -> NeuronSet:
+    """The neuron set from a scores file, laid out on the model's skeleton (no weights are loaded)."""
+    from neft_lab.models.loading import model_skeleton, parameter_count
+
+    model = model_skeleton(cfg.model)
+    return workflow.build_neuron_set(cfg, model, parameter_count(model), scores_path)
+
+
+def _default_set_path(cfg: DictConfig, neuron_set: NeuronSet) -> Path:
+    method = workflow.selection_method(cfg.selection)
+    share = 100 * neuron_set.num_parameters / max(int(neuron_set.meta.get("total_parameters") or 1), 1)
+    name = f"{cfg.model.name}-{cfg.task.name}-{workflow.scorer_of(cfg)}-{method}-{share:.1f}pct-s{cfg.seed}"
+    return Path(str(cfg.paths.output_dir)) / "neuron_sets" / name.replace("/", "_")
+
+
+# ---- the whole chain, for a NeFT fit ------------------------------------------------------------------
+def scores_for_fit(cfg: DictConfig) -> Path | None:
+    """The scores a NeFT run's selection needs (None if it needs none): reference and scoring stages, cached."""
+    sel = cfg.get("selection")
+    if sel is None or sel.get("name", "none") == "none":
+        return None
+    if workflow.selection_method(sel) not in workflow.SCORED_METHODS:
+        return None
+    return scores(cfg)
