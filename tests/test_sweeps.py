@@ -13,7 +13,8 @@ from conftest import REPO
 from neft_lab.config import conf_dir, register_resolvers
 from neft_lab.strategies import build_strategy
 
-SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+# grid sweeps (Hydra's basic sweeper); lr_search.yaml is Optuna's search space (tests/test_launchers.py)
+SWEEPS = sorted(p for p in (REPO / "sweeps").glob("*.yaml") if "override hydra/sweeper" not in p.read_text())
 EXTRA = {"transfer_union": ["+sets.own=own.safetensors", "+sets.other=other.safetensors"]}
 
 

@@ -16,15 +16,31 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One run. In a multirun a failed job is recorded and hands the sweeper its worst value so that the other
+    jobs go on (neft_lab.sweep_summary), and a DDP rank > 0 of a multi-task job returns (submitit needs every
+    task's result)."""
     from neft_lab.errors import ConfigError
     from neft_lab.pipeline import log_to_run_log, run
+    from neft_lab.sweep_summary import in_multirun, job_failed
 
+    multirun = in_multirun()
     try:
         return run(cfg)
     except ConfigError as err:  # a mistake the user can fix: say what and how, no traceback
         log_to_run_log(logging.ERROR, f"neft_lab error: {err}")  # the run log; the console once, on stderr
         print(f"neft_lab error: {err}", file=sys.stderr)
+        if multirun:
+            return job_failed(err)
         raise SystemExit(2) from None
+    except Exception as err:
+        if not multirun:
+            raise
+        logger.error("job failed: %s", err, exc_info=True)
+        return job_failed(err)
+    except SystemExit as err:
+        if multirun and err.code in (0, None):
+            return None
+        raise  # a preempted job (143) or a requeue by submitit: the sweep stops, a rerun resumes it
 
 
 def _config_groups(root) -> set[str]:
@@ -117,8 +133,11 @@ def unknown_key_error(argv: list[str]) -> str | None:
 
 
 def cli() -> None:
-    """`python -m neft_lab`: refuse an unknown key in one line before Hydra starts the job."""
-    error = unknown_key_error(sys.argv[1:])
+    """`python -m neft_lab`: refuse an unknown key, or a launcher/sweeper whose plugin is not installed, in one
+    line before Hydra starts the job."""
+    from neft_lab.launchers import missing_plugin_error
+
+    error = missing_plugin_error(sys.argv[1:]) or unknown_key_error(sys.argv[1:])
     if error:
         print(f"neft_lab error: {error}", file=sys.stderr)
         raise SystemExit(2)

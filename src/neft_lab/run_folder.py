@@ -25,7 +25,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 # Keys that may differ between the commands of one run: how it is shown, logged and where it runs from.
 MAY_DIFFER = (
-    "resume", "threads", "paths", "logger", "callbacks", "experiment_name",
+    "resume", "threads", "paths", "logger", "callbacks", "experiment_name", "sweep_objective",
     "trainer.enable_progress_bar", "eval.show", "eval.log_predictions",
 )  # fmt: skip
 # What an earlier run left that a new one would pick up (resume, restore-best, reports).
