@@ -24,84 +24,27 @@ from neft_lab.neurons.sliced import (
     sync_after_step,
     trainable_slices,
 )
+from sliced_helpers import (
+    ARCHS,
+    MLP,
+    assert_only_slices_moved,
+    batch,
+    fresh,
+    grad_a,
+    loss_of,
+    make_plans,
+    slice_mask,
+    tiny_base_models,
+    train_dense_reference,
+    train_sliced,
+)
 
 torch.set_num_threads(1)
-
-ARCHS = ("llama", "gemma3", "gpt2")
-MLP = {  # (input-vector module, output-vector module) per layer; rows of the first, columns of the second
-    "llama": ("model.layers.{l}.mlp.up_proj", "model.layers.{l}.mlp.down_proj"),
-    "gemma3": ("model.layers.{l}.mlp.up_proj", "model.layers.{l}.mlp.down_proj"),
-    "gpt2": ("transformer.h.{l}.mlp.c_fc", "transformer.h.{l}.mlp.c_proj"),
-}
-D_FF = 128
 
 
 @pytest.fixture(scope="module")
 def base_models() -> dict[str, nn.Module]:
-    models = {}
-    for arch in ARCHS:
-        model, _ = build_tiny_model(arch)
-        models[arch] = model.eval()  # eval: GPT-2's dropout off, so runs are deterministic
-    return models
-
-
-def fresh(base_models, arch: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return copy.deepcopy(base_models[arch]).to(dtype)
-
-
-def make_plans(arch: str, k: int = 20, seed: int = 0, layers: int = 2) -> list[SlicePlan]:
-    gen = torch.Generator().manual_seed(seed)
-    plans = []
-    for layer in range(layers):
-        up, down = (name.format(l=layer) for name in MLP[arch])
-        plans.append(SlicePlan(up, 0, torch.randperm(D_FF, generator=gen)[:k]))
-        plans.append(SlicePlan(down, 1, torch.randperm(D_FF, generator=gen)[:k]))
-    return plans
-
-
-def batch(seed: int = 1, rows: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(4, 500, (rows, length), generator=torch.Generator().manual_seed(seed))
-
-
-def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-
-def slice_mask(weight_a: torch.Tensor, plan: SlicePlan) -> torch.Tensor:
-    """Boolean mask of the planned entries, in linear orientation."""
-    mask = torch.zeros(weight_a.shape, dtype=torch.bool)
-    if plan.axis == 0:
-        mask[plan.indices] = True
-    else:
-        mask[:, plan.indices] = True
-    return mask
-
-
-def train_dense_reference(model: nn.Module, plans: list[SlicePlan], steps: int, lr: float) -> None:
-    """Dense training of the planned weights with every non-selected gradient zeroed by hand."""
-    model.requires_grad_(False)
-    params = []
-    for plan in plans:
-        module = model.get_submodule(plan.module)
-        module.weight.requires_grad_(True)
-        params.append((module, plan))
-    optimizer = torch.optim.SGD([m.weight for m, _ in params], lr=lr, momentum=0.9)
-    for step in range(steps):
-        loss_of(model, batch(step)).backward()
-        with torch.no_grad():
-            for module, plan in params:
-                _grad_a(module).mul_(slice_mask(linear_weight(module), plan))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def train_sliced(model: nn.Module, steps: int, optimizer_cls=torch.optim.SGD, **opt_kwargs) -> None:
-    optimizer = optimizer_cls([p for _, p in trainable_slices(model)], **opt_kwargs)
-    for step in range(steps):
-        loss_of(model, batch(step)).backward()
-        optimizer.step()
-        sync(model)
-        optimizer.zero_grad(set_to_none=True)
+    return tiny_base_models()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -109,7 +52,7 @@ def train_sliced(model: nn.Module, steps: int, optimizer_cls=torch.optim.SGD, **
 def test_sliced_training_equals_masked_dense_training(base_models, arch, impl):
     plans = make_plans(arch)
     reference = fresh(base_models, arch, torch.float64)
-    train_dense_reference(reference, plans, steps=4, lr=0.5)
+    train_dense_reference(reference, plans, steps=4, lr=0.5, momentum=0.9)
 
     model = fresh(base_models, arch, torch.float64)
     attach(model, plans, impl=impl)
@@ -134,21 +77,7 @@ def test_adamw_weight_decay_leaves_unselected_entries_bit_identical(base_models,
     merge(model)
     assert not any(isinstance(m, SlicedLinear) for m in model.modules())
 
-    base = base_models[arch]
-    planned = {p.module: p for p in plans}
-    base_params = dict(base.named_parameters())
-    for name, param in model.named_parameters():
-        module_name = name.rsplit(".", 1)[0]
-        if module_name in planned and name.endswith("weight"):
-            plan = planned[module_name]
-            trained_a = linear_weight(model.get_submodule(module_name))
-            base_a = linear_weight(base.get_submodule(module_name))
-            mask = slice_mask(base_a, plan)
-            assert torch.equal(trained_a[~mask], base_a[~mask])
-            changed = (trained_a != base_a).any(dim=1 - plan.axis)[plan.indices]
-            assert changed.all(), "every selected vector trains"
-        else:
-            assert torch.equal(param, base_params[name]), name
+    assert_only_slices_moved(model, base_models[arch], plans)
 
 
 def test_masked_with_weight_decay_moves_unselected_entries(base_models):
@@ -309,17 +238,12 @@ def test_masked_zeroes_gradients_outside_the_slice(base_models, arch):
     attach(model, plans, impl="masked")
     loss_of(model, batch()).backward()
     for plan in plans:
-        grad_a = _grad_a(model.get_submodule(plan.module).base)
-        mask = slice_mask(grad_a, plan)
-        assert torch.count_nonzero(grad_a[~mask]) == 0
-        assert torch.count_nonzero(grad_a[mask]) > 0
+        grad = grad_a(model.get_submodule(plan.module).base)
+        mask = slice_mask(grad, plan)
+        assert torch.count_nonzero(grad[~mask]) == 0
+        assert torch.count_nonzero(grad[mask]) > 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in trainable_slices(model)}
-
-
-def _grad_a(module: nn.Module) -> torch.Tensor:
-    """The weight gradient in linear orientation."""
-    return module.weight.grad if isinstance(module, nn.Linear) else module.weight.grad.t()
 
 
 def test_fused_syncs_lazily_after_a_step_and_after_loading(base_models):
