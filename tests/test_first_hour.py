@@ -186,3 +186,16 @@ def test_best_and_last_of_the_same_step_share_one_file(tiny_overrides, tmp_path)
     # resume still finds a complete state there (post-validation: it records the new best itself)
     recorded = [v.get("best_model_path") for v in state["callbacks"].values() if isinstance(v, dict)]
     assert str(best) in recorded
+
+
+def test_evaluation_device_is_the_cpu_without_a_gpu_or_under_fsdp(monkeypatch):
+    import torch
+
+    from neft_lab.pipeline import _evaluation_device
+
+    assert _evaluation_device(compose(["trainer=cpu"])).type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _evaluation_device(compose(["trainer=gpu"])) == torch.device("cuda", 1)
+    assert _evaluation_device(compose(["trainer=fsdp"])).type == "cpu"  # the Trainer shards it there

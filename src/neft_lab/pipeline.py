@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from neft_lab import run_folder, tracking
+from neft_lab import chain, run_folder, tracking
 from neft_lab.data.datamodule import TaskDataModule
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
@@ -28,6 +28,7 @@ from neft_lab.neurons import sliced
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
 from neft_lab.training import checkpoints
 from neft_lab.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint
+from neft_lab.training.distributed import uses_fsdp2
 from neft_lab.training.guards import NonFiniteGuard
 from neft_lab.training.module import CausalLMModule
 from neft_lab.validation import validate
@@ -36,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 
 _DEPTH = [0]  # > 0 while a run is going on in this process: the NeFT reference run is nested in its run
-NO_FOLDER_STAGES = ("report", "export")  # they write elsewhere: the folder Hydra made for them is removed
+# They write elsewhere (the selection stages: into the cache, stage=select to selection.out): the folder Hydra
+# made for them is removed.
+NO_FOLDER_STAGES = ("report", "export", "analyze", "reference", "score", "select")
 
 
 def nested_run() -> bool:
@@ -45,7 +48,7 @@ def nested_run() -> bool:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Run the configured stage; returns the main test metric (for Hydra sweepers).
+    """Run the configured stage; returns the main test metric, or what `sweep_objective` names (for Hydra sweepers).
 
     The folder Hydra made for the command (`hydra.run.dir`) is left only when it holds a result:
     `stage=report`/`export` remove it, `resume=<folder>` removes it and logs into <folder>, and a command
@@ -59,6 +62,9 @@ def run(cfg: DictConfig) -> float | None:
     _DEPTH[0] += 1
     try:
         result = _run(cfg, state, output_dir)
+        from neft_lab.lr_search import objective  # what a sweeper gets: sweep_objective=test|val_loss
+
+        result = objective(cfg, result)
     except BaseException as err:
         if state["folder"] is not None:
             _set_aside_failed(err, cfg, state["folder"], output_dir, keep=state.get("keep", False))
@@ -104,6 +110,16 @@ def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | No
     _route_lightning_logs_through_hydra()
     if cfg.stage == "export":  # writes beside the saved run (or to export.out): no run folder of its own
         export_saved(cfg)
+        return None
+    if cfg.stage in ("reference", "score", "select"):  # the NeFT selection chain, run apart (neft_lab.chain)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        chain.run_stage(cfg)
+        return None
+    if cfg.stage == "analyze":  # writes to its analysis folder (analysis.out): no run folder of its own
+        from neft_lab.analysis.stage import analyze
+
+        analyze(cfg)
         return None
     cfg = _config_of_resumed_run(cfg)
     run_dir = Path(cfg.paths.run_dir)
@@ -262,9 +278,20 @@ def _restore_best(module: CausalLMModule, trainer: L.Trainer, run_dir: Path) -> 
     return str(best)
 
 
+def _evaluation_device(cfg: DictConfig) -> torch.device:
+    """The device this process will train on (Lightning's choice for accelerator=auto/gpu), known before the
+    Trainer exists; the CPU under FSDP, whose sharding the Trainer sets up."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and not uses_fsdp2(cfg.trainer):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def _is_global_rank_zero() -> bool:
     """Before the Trainer exists, the launcher's environment tells which process this is."""
-    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(
+        int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    )
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -288,6 +315,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     ctx = StrategyContext(cfg=cfg, run_dir=run_dir, cache_dir=Path(cfg.paths.cache_dir))
     if resume_from and (run_dir / "neuron_set.safetensors").exists():  # resume with the very same neurons
         ctx.extras["neuron_set_file"] = run_dir / "neuron_set.safetensors"
+    if getattr(strategy, "uses_selection", False) and "neuron_set_file" not in ctx.extras:
+        scores = chain.scores_for_fit(cfg)  # reference and score stages (cached), before the model is loaded
+        if scores is not None:
+            ctx.extras["scores_file"] = scores
     strategy.prepare(ctx)
     model, tokenizer = load_model(cfg.model)
     base_parameters = parameter_count(model)
@@ -310,6 +341,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
 
     results: dict[str, Any] = {"model": cfg.model.name, "task": task.name, "seed": cfg.seed, **summary}
     if cfg.eval.before and _is_global_rank_zero():  # other ranks of a distributed launch would only repeat it
+        model.to(_evaluation_device(cfg))  # generate on the accelerator the run trains on, not on the CPU
         results["before"], _ = _evaluate_split(cfg, model, encoder, datamodule, "before fine-tuning")
 
     module = CausalLMModule(model, strategy, **OmegaConf.to_container(cfg.optim, resolve=True))
@@ -340,6 +372,10 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
         ]
         results["export"] = [str(p) for p in written]
 
+    if not uses_fsdp2(
+        cfg.trainer
+    ):  # Lightning hands the model back on the CPU after fit: evaluate on the device
+        model.to(trainer.strategy.root_device)
     if cfg.eval.after:
         results["after"], rows = _evaluate_split(cfg, model, encoder, datamodule, "after fine-tuning")
         atomic_write_jsonl(run_dir / "predictions.jsonl", rows)

@@ -10,7 +10,8 @@ that belong to a component live there and are called from here, so each has one 
 - strategy arguments: the strategies' constructors (`build_strategy`) and their `check_config` (LoRA's
   `r=match` budget; NeFT's selection: `neurons.workflow.check_selection`, with `Budget.check`);
 - task: `Task.from_config` (metrics, prompt, token limits) and `Task.check_folders` (local data folders);
-- stage=report: `report.report_root`.
+- stage=report: `report.report_root`;
+- stage=analyze: `analysis.stage.settings` (run folders, neuron sets and their fit, analysis.* values).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from neft_lab.errors import ConfigError
 
-STAGES = ("fit", "eval", "report", "export")  # what `stage=` runs (neft_lab.pipeline)
+STAGES = ("fit", "eval", "report", "export", "analyze", "reference", "score", "select")  # neft_lab.pipeline
+SELECTION_STAGES = ("reference", "score", "select")  # the NeFT selection chain run apart (neft_lab.chain)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -34,10 +36,20 @@ def validate(cfg: DictConfig) -> None:
     stage = value_of(cfg, "stage")
     if stage not in STAGES:
         raise ConfigError(f"stage={stage!r}: unknown stage, choose one of {STAGES}")
+    from neft_lab.lr_search import check_objective  # what a sweeper gets back: test | val_loss
+
+    check_objective(cfg)
     if stage == "report":
         from neft_lab.report import report_root
 
         report_root(cfg)
+        return
+    if stage == "analyze":  # run folders, neuron sets and numbers (neft_lab.analysis.stage.settings)
+        from neft_lab.analysis.stage import settings
+
+        if value_of(cfg, "threads") is not None:
+            require_int(cfg, "threads", 1)
+        settings(cfg)
         return
     seed = value_of(cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -63,7 +75,41 @@ def validate(cfg: DictConfig) -> None:
     require_int(cfg, "loader.batch_size", 1, 8)
     require_int(cfg, "loader.num_workers", 0)
     _check_trainer(cfg)
+    if stage in SELECTION_STAGES:
+        _check_selection_stage(cfg, stage)
+        return
     _check_model_and_strategy(cfg)
+
+
+def _check_selection_stage(cfg: DictConfig, stage: str) -> None:
+    """stage=reference/score/select: a scored selection whose settings can run (the strategy is not used)."""
+    from neft_lab.models.loading import check_model_config
+    from neft_lab.neurons.workflow import (
+        REFERENCE_SCORERS,
+        SCORED_METHODS,
+        check_selection,
+        scorer_of,
+        selection_method,
+    )
+
+    with resolving("model"):
+        check_model_config(cfg.model)
+    if value_of(cfg, "selection.name") in (None, "none"):
+        raise ConfigError(
+            f"stage={stage} needs a scored selection: add selection=cosine (the paper), selection=gradient, "
+            "selection=lora_reference or selection=probe"
+        )
+    method = selection_method(cfg.selection)
+    if method not in SCORED_METHODS:
+        raise ConfigError(
+            f"stage={stage} runs the scoring chain, but selection.method={method} needs no scores: "
+            "train directly with stage=fit"
+        )
+    if stage == "reference" and scorer_of(cfg) not in REFERENCE_SCORERS:
+        raise ConfigError(
+            f"stage=reference: selection.scorer={scorer_of(cfg)} needs no reference run; go on with stage=score"
+        )
+    check_selection(cfg)
 
 
 # ---- helpers (also used by the components' own checks) ------------------------------------------------------
