@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from neft_step import table as step_table  # noqa: E402
+
 JOB_LABELS = {
     "full": "Full fine-tuning",
     "neft_3": "NeFT 3%",
@@ -68,7 +71,6 @@ def tests_section(result: dict[str, Any]) -> list[str]:
 
 def step_section(step: dict[str, Any]) -> list[str]:
     results = step.get("results", {})
-    lora = "lora_r256" if "lora_r256" in results else "lora"
     lines = [
         f"{step.get('model')}, {step.get('dtype')}, batch {step.get('batch')}×{step.get('seq')}, budget "
         f"{step.get('budget', 0):.0%}, median of {step.get('steps')} steps after {step.get('warmup')} warm-up, "
@@ -77,24 +79,8 @@ def step_section(step: dict[str, Any]) -> list[str]:
         else f"{step.get('model')} (trial shape: layers {step.get('layers')}, width ÷{step.get('width_div')}), "
         f"{step.get('dtype')}, batch {step.get('batch')}×{step.get('seq')}, {step.get('device')}",
         "",
-        "| method | trainable | step s | tokens/s | peak GiB | time vs full | time vs LoRA r=256 | mem vs full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-
-    def rel(method: str, ref: str, key: str) -> str:
-        a, b = results.get(method, {}).get(key), results.get(ref, {}).get(key)
-        return "–" if a is None or not b else f"{a / b:.2f}×"
-
-    for method, r in results.items():
-        if "error" in r:
-            lines.append(f"| {method} | {r['error']} | | | | | | |")
-            continue
-        label = f"LoRA r={r['lora_r']}" if "lora_r" in r else method
-        lines.append(
-            f"| {label} | {r['trainable_parameters'] / 1e6:,.1f}M | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} "
-            f"| {gib(r['peak_memory_bytes'])} | {rel(method, 'full', 'step_s')} | {rel(method, lora, 'step_s')} "
-            f"| {rel(method, 'full', 'peak_memory_bytes')} |"
-        )
+    lines.append(step_table(results))  # the benchmark's own table (one home: benchmarks/neft_step.py)
     lines += ["", "| target | fused NeFT | limit | met | prototype |", "|---|---:|---:|---|---:|"]
     for t in step.get("targets", []):
         met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")

@@ -165,19 +165,7 @@ def runs_categories(summaries: dict[str, dict[str, Any]], reference: str) -> Any
 
 def utilization_per_layer(per_layer: dict[str, dict[str, list[float]]]) -> Any:
     """Mean utilization score per layer, one line per model, one panel per kind."""
-    kinds = list(next(iter(per_layer.values())))
-    fig, axes = _figure(5.0 * len(kinds), 3.6, len(kinds))
-    for ax, kind in zip(axes, kinds):
-        for i, (label, table) in enumerate(per_layer.items()):
-            values = table[kind]
-            ax.plot(range(len(values)), values, marker="o", markersize=3, color=f"C{i}", label=label)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("mean utilization score")
-        ax.set_title(f"{kind} vectors")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _per_layer_lines(per_layer, "mean utilization score")
 
 
 def overlap_heatmap(overlap: dict[str, Any]) -> Any:
@@ -201,14 +189,20 @@ def overlap_heatmap(overlap: dict[str, Any]) -> Any:
 
 def sets_per_layer(per_set: dict[str, dict[str, Any]]) -> Any:
     """Share of each layer's vectors that each neuron set selects, one panel per kind."""
-    kinds = list(next(iter(per_set.values()))["share"])
+    shares = {label: dist["share"] for label, dist in per_set.items()}
+    return _per_layer_lines(shares, "share of the layer's vectors selected")
+
+
+def _per_layer_lines(series: dict[str, dict[str, list[float]]], ylabel: str) -> Any:
+    """label → kind → one value per layer, drawn as one line per label in one panel per kind."""
+    kinds = list(next(iter(series.values())))
     fig, axes = _figure(5.0 * len(kinds), 3.6, len(kinds))
     for ax, kind in zip(axes, kinds):
-        for i, (label, dist) in enumerate(per_set.items()):
-            values = dist["share"].get(kind, [])
+        for i, (label, table) in enumerate(series.items()):
+            values = table.get(kind, [])
             ax.plot(range(len(values)), values, marker="o", markersize=3, color=f"C{i}", label=label)
         ax.set_xlabel("layer")
-        ax.set_ylabel("share of the layer's vectors selected")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"{kind} vectors")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
