@@ -55,7 +55,13 @@ def run_stage(cfg: DictConfig) -> Path:
 
 # ---- reference ------------------------------------------------------------------------------------------
 def reference(cfg: DictConfig) -> Path:
-    """The reference fine-tune's exported model (full: a HF folder; lora_reference: a PEFT adapter), cached."""
+    """The reference fine-tune's exported model (full: a HF folder; lora_reference: a PEFT adapter), cached;
+    or the export of the finished full fine-tune given as `selection.reference.run`."""
+    given = workflow.reference_run(cfg)
+    if given is not None:
+        workflow.finished_reference_run(cfg, given)
+        logger.info("reference model: the finished full fine-tune %s", given)
+        return given / "export"
     folder = workflow.cache_folder(cfg)
     export = folder / "reference" / "export"
     if _exported(export):
@@ -128,7 +134,7 @@ def scores(cfg: DictConfig) -> Path:
             "vectors": sum(int(v.numel()) for v in computed.values()),
         }
         scores_io.save(out, computed, key, info)
-        if reference_model is not None and not cfg.selection.reference.keep:
+        if reference_model is not None and not cfg.selection.reference.keep and workflow.reference_run(cfg) is None:
             import shutil
 
             shutil.rmtree(reference_model.parent, ignore_errors=True)

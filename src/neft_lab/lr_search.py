@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from neft_lab.errors import ConfigError
@@ -61,6 +63,27 @@ def objective(cfg: DictConfig, result: float | None) -> float | None:
 
         return worst_value()
     return float(loss)
+
+
+class GridOrder(Callback):
+    """Optuna's grid sampler (`hydra/sweeper/sampler: grid`) picks the next grid point with Python's global
+    `random`. Seeded when the sweep starts, and shielded from the jobs (which reseed it, or not when a finished
+    job is skipped: Hydra's basic launcher runs them in the sweeper's process), trial n is the same learning
+    rate in every rerun, so a rerun finds trial n's finished folder and skips it."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._state: object | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        random.seed(self.seed)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._state = random.getstate()
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self._state is not None:
+            random.setstate(self._state)
 
 
 def best_params(search_dir: str | Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from neft_lab.data.datamodule import TaskDataModule
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
 from neft_lab.errors import ConfigError
-from neft_lab.evaluation.evaluate import evaluate, format_metrics
+from neft_lab.evaluation.evaluate import autocast_dtype, evaluate, format_metrics
 from neft_lab.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
 from neft_lab.neurons import sliced
@@ -227,6 +227,7 @@ def _evaluate_split(
         comet_model=cfg.eval.comet_model,
         desc=f"test ({label})",
         loss=bool(cfg.eval.get("loss", True)),
+        autocast=autocast_dtype(cfg.eval.get("precision", "auto"), cfg.trainer.get("precision")),
     )
     logger.info("%s: %s", label, format_metrics(metrics))
     for row in rows[: cfg.eval.show]:

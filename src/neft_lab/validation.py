@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from neft_lab.errors import ConfigError
+from neft_lab.evaluation.evaluate import EVAL_PRECISIONS
 
 STAGES = ("fit", "eval", "report", "export", "analyze", "reference", "score", "select")  # neft_lab.pipeline
 SELECTION_STAGES = ("reference", "score", "select")  # the NeFT selection chain run apart (neft_lab.chain)
@@ -58,6 +59,11 @@ def validate(cfg: DictConfig) -> None:
         require_int(cfg, "threads", 1)
     require_int(cfg, "eval.batch_size", 1, 16)
     require_int(cfg, "loader.eval_batch_size", 1, 16)
+    eval_precision = value_of(cfg, "eval.precision")
+    if eval_precision is not None and str(eval_precision) not in EVAL_PRECISIONS:
+        raise ConfigError(
+            f"eval.precision={eval_precision}: choose one of {', '.join(EVAL_PRECISIONS)} (auto: as trained)"
+        )
     _check_task(cfg)
     if stage in ("eval", "export"):  # model, strategy (and task unless given) come from the saved run
         ckpt = value_of(cfg, "ckpt")

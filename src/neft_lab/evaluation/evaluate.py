@@ -7,6 +7,7 @@ scores any BLEU, and this is where that learning shows (the smoke runs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from neft_lab.data.encoding import PromptEncoder, TrainCollator
 from neft_lab.data.examples import Example
 from neft_lab.evaluation.generate import generate_predictions
 from neft_lab.evaluation.metrics import score
-from neft_lab.training.loss import target_token_loss
+from neft_lab.training.loss import per_example_loss
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,17 @@ def evaluate(
     comet_model: str = "Unbabel/wmt22-comet-da",
     desc: str = "evaluate",
     loss: bool = True,
-) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    autocast: torch.dtype | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics of the task on `examples` (and their reference loss) and one row per example (source,
-    reference, prediction)."""
+    reference, prediction and, with `loss`, that example's summed target loss and token count).
+
+    `autocast`: run the model under `torch.autocast` in this dtype, as a `*-mixed` precision trains it
+    (bf16 on a CPU with AVX-512 BF16 generates ~2x faster than float32)."""
     started = time.perf_counter()
-    reference_loss = target_loss(model, encoder, examples, batch_size) if loss else None
-    predictions = generate_predictions(model, encoder, examples, batch_size=batch_size, desc=desc)
+    with _autocast(model, autocast):
+        losses = target_losses(model, encoder, examples, batch_size) if loss else None
+        predictions = generate_predictions(model, encoder, examples, batch_size=batch_size, desc=desc)
     sources = [e.source for e in examples]
     references = [e.target for e in examples]
     metrics = score(
@@ -48,13 +54,22 @@ def evaluate(
         comet_model,
         bleu_lowercase=encoder.task.bleu_lowercase,
     )
-    if reference_loss is not None:
-        metrics = {"loss": round(reference_loss, 4), **metrics}
-    metrics["seconds"] = round(time.perf_counter() - started, 2)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"source": s, "reference": r, "prediction": p} for s, r, p in zip(sources, references, predictions)
     ]
+    if losses is not None:
+        total, tokens = sum(t for t, _ in losses), sum(n for _, n in losses)
+        metrics = {"loss": round(total / max(tokens, 1), 4) if examples else float("nan"), **metrics}
+        for row, (summed, count) in zip(rows, losses):
+            row["loss_sum"], row["loss_tokens"] = round(summed, 6), count
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics, rows
+
+
+def _autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -68,12 +83,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def target_loss(
+def target_losses(
     model: nn.Module, encoder: PromptEncoder, examples: list[Example], batch_size: int = 16
-) -> float:
-    """Mean next-token loss over all reference target tokens of `examples` (token-weighted, as in training)."""
-    if not examples:
-        return float("nan")
+) -> list[tuple[float, int]]:
+    """Each example's summed next-token loss over its reference target tokens, and their count (the
+    split's loss is the token-weighted mean, as in training)."""
     tokenizer = encoder.tokenizer
     collate = TrainCollator(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -82,13 +96,29 @@ def target_loss(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    out: list[tuple[float, int]] = []
     try:
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size]).items()}
-            value, count = target_token_loss(model, batch)
-            total += float(value) * count
-            tokens += count
+            sums, counts = per_example_loss(model, batch)
+            out.extend(zip(sums.tolist(), counts.tolist()))
     finally:
         model.train(was_training)
-    return total / max(tokens, 1)
+    return out
+
+
+EVAL_PRECISIONS = {"auto": None, "32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def autocast_dtype(eval_precision: Any, trainer_precision: Any) -> torch.dtype | None:
+    """The dtype evaluation autocasts to: `eval.precision=auto` follows a `*-mixed` training precision
+    (the model is scored as it was trained); 32 never autocasts; bf16 / 16 always do."""
+    value = str(eval_precision if eval_precision is not None else "32")
+    if value not in EVAL_PRECISIONS:
+        raise ValueError(f"eval.precision={value}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    if value != "auto":
+        return EVAL_PRECISIONS[value]
+    trained = str(trainer_precision)
+    if trained.endswith("-mixed"):
+        return EVAL_PRECISIONS[trained.removesuffix("-mixed")] if trained != "32-mixed" else None
+    return None

@@ -121,13 +121,56 @@ def _without(config: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, 
 
 def reference_key(cfg: DictConfig) -> dict[str, Any]:
     """Everything that changes the reference weights (hence the scores): the reference run's config minus
-    NOT_WEIGHTS, the fingerprints of the base weights and of the training data, and the kinds scored."""
-    key = _without(reference_config(cfg), NOT_WEIGHTS)
+    NOT_WEIGHTS, the fingerprints of the base weights and of the training data, and the kinds scored.
+    With `selection.reference.run`, that finished run's own config and the checkpoint it exported."""
+    given = reference_run(cfg)
+    if given is not None:
+        run_cfg, metrics = finished_reference_run(cfg, given)
+        key = _without(OmegaConf.to_container(run_cfg, resolve=True), NOT_WEIGHTS)
+        key["reference_checkpoint"] = Path(str((metrics.get("train") or {}).get("best_checkpoint"))).name
+        data = data_fingerprint(run_cfg)
+    else:
+        key = _without(reference_config(cfg), NOT_WEIGHTS)
+        data = data_fingerprint(cfg)
     if scorer_of(cfg) == "lora_reference":
         key["reference_strategy"] = reference_strategy(cfg)
     key["kinds"] = sorted(cfg.selection.modules)
-    key["fingerprints"] = {"model": model_fingerprint(cfg.model), "data": data_fingerprint(cfg)}
+    key["fingerprints"] = {"model": model_fingerprint(cfg.model), "data": data}
     return key
+
+
+def reference_run(cfg: DictConfig) -> Path | None:
+    """`selection.reference.run`: a finished full fine-tune that serves as the reference (None: run one)."""
+    reference = cfg.selection.get("reference")
+    value = reference.get("run") if reference is not None else None
+    return Path(str(value)).expanduser() if value else None
+
+
+def finished_reference_run(cfg: DictConfig, folder: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The config and metrics of `selection.reference.run`, checked: a finished full fine-tune of this
+    run's base model whose export is there."""
+    from neft_lab.run_folder import finished_metrics
+
+    where = f"selection.reference.run={folder}"
+    if scorer_of(cfg) != "cosine":
+        raise ConfigError(f"{where}: a finished full fine-tune is a reference for selection.scorer=cosine only")
+    if not (folder / "config.yaml").is_file():
+        raise ConfigError(f"{where}: not a run folder (no config.yaml): give the folder of a finished strategy=full run")
+    metrics = finished_metrics(folder)
+    if not metrics or "train" not in metrics:
+        raise ConfigError(f"{where}: the run has not finished (no complete metrics.json): finish or resume it first")
+    run_cfg = OmegaConf.load(folder / "config.yaml")
+    strategy = OmegaConf.select(run_cfg, "strategy.name")
+    if strategy != "full":
+        raise ConfigError(f"{where}: a strategy={strategy} run; the reference must be full fine-tuning (strategy=full)")
+    if not (folder / "export" / "config.json").is_file():
+        raise ConfigError(f"{where}: no exported model in {folder / 'export'} (was it run with export.enabled=false?)")
+    if model_fingerprint(run_cfg.model) != model_fingerprint(cfg.model):
+        raise ConfigError(
+            f"{where}: that run fine-tuned model {run_cfg.model.name}, this run uses {cfg.model.name}: "
+            "a reference must start from the same base weights"
+        )
+    return run_cfg, metrics
 
 
 def scores_key(cfg: DictConfig) -> dict[str, Any]:
@@ -363,7 +406,9 @@ def check_selection(cfg: DictConfig) -> None:
         if not Path(str(given)).expanduser().is_file():
             raise ConfigError(f"selection.scores={given}: no such file (make one with stage=score)")
         return
-    if scorer in REFERENCE_SCORERS:  # the reference fine-tune
+    if reference_run(cfg) is not None:  # a finished full fine-tune given as the reference
+        finished_reference_run(cfg, reference_run(cfg))
+    elif scorer in REFERENCE_SCORERS:  # the reference fine-tune
         require_int(cfg, "selection.reference.steps", 1)
         require_number(cfg, "selection.reference.lr", "> 0", lambda v: v > 0)
         require_int(cfg, "selection.reference.batch_size", 1)

@@ -29,6 +29,22 @@ MASK_SLICING = _mask_slicing_supported()
 
 def target_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over the target tokens of `batch`, and how many tokens it covers."""
+    losses, _ = target_token_losses(model, batch)
+    return losses.mean(), int(losses.numel())
+
+
+def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target-token loss and target-token count of each row of `batch` (the units a paired
+    bootstrap over test segments resamples)."""
+    losses, rows = target_token_losses(model, batch)
+    n = batch["labels"].shape[0]
+    sums = torch.zeros(n, dtype=losses.dtype, device=losses.device).index_add_(0, rows, losses)
+    counts = torch.zeros(n, dtype=torch.long, device=losses.device).index_add_(0, rows, torch.ones_like(rows))
+    return sums, counts
+
+
+def target_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token loss of every target token of `batch` (row-major) and the row each belongs to."""
     labels = batch["labels"]
     next_labels = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
@@ -52,4 +68,5 @@ def target_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
         ).logits
         logits = logits[keep[:, start:stop]]
     logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits.float(), targets), int(targets.numel())
+    rows = keep.nonzero()[:, 0]  # both the kept logits and the targets are in row-major order
+    return F.cross_entropy(logits.float(), targets, reduction="none"), rows
