@@ -114,7 +114,9 @@ def test_report_over_strategies_and_seeds(tmp_path):
     markdown = (out / "table.md").read_text()
     assert markdown in done.stdout  # printed as written
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    assert lines[0].startswith("| method | embedded_en_fr BLEU | embedded_en_fr chrF | trainable % |")
+    assert lines[0].startswith(
+        "| method | embedded_en_fr BLEU | embedded_en_fr chrF | embedded_en_fr test loss | trainable % |"
+    )
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == ["Full", "LoRA r=8", "Random 9%"]
     assert "\nBLEU (sacreBLEU): `nrefs:1|case:mixed|eff:no|tok:13a|" in markdown  # which BLEU the cells are
     assert (out / "budget_vs_score.png").stat().st_size > 5000
@@ -289,7 +291,7 @@ def test_report_plot_draws_single_points_inside_sane_limits(tmp_path, monkeypatc
         )
     run(compose(["stage=report", f"report.dir={tmp_path / 'runs'}", f"report.out={tmp_path / 'out'}"]))
     assert (tmp_path / "out" / "budget_vs_score.png").stat().st_size > 5000
-    (fig,) = figures
+    fig = figures[0]  # the budget plot (convergence.png follows)
     (ax,) = [a for a in fig.axes if a.get_visible()]
     low, high = ax.get_xlim()
     xs = [1.5, 3.0, 9.0, 100.0]

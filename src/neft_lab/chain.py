@@ -117,7 +117,9 @@ def scores(cfg: DictConfig) -> Path:
     out = folder / "scores.safetensors"
     key = workflow.scores_key(cfg)
     if _fresh(out, key):
-        logger.info("neuron scores from cache: %s", out)
+        given_run = workflow.reference_run(cfg)
+        against = f" (scored against the finished full fine-tune {given_run})" if given_run else ""
+        logger.info("neuron scores from cache: %s%s", out, against)
         return out
     reference_model = reference(cfg) if workflow.scorer_of(cfg) in workflow.REFERENCE_SCORERS else None
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,11 @@ def scores(cfg: DictConfig) -> Path:
             "vectors": sum(int(v.numel()) for v in computed.values()),
         }
         scores_io.save(out, computed, key, info)
-        if reference_model is not None and not cfg.selection.reference.keep and workflow.reference_run(cfg) is None:
+        if (
+            reference_model is not None
+            and not cfg.selection.reference.keep
+            and workflow.reference_run(cfg) is None
+        ):
             import shutil
 
             shutil.rmtree(reference_model.parent, ignore_errors=True)

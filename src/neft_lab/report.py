@@ -25,18 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_savefig as _atomic_savefig  # a module name: tests wrap it
 from neft_lab.io import atomic_write_text
 from neft_lab.results import collect_runs
+from neft_lab.significance import PairedResult
 
 logger = logging.getLogger(__name__)
 
-METRICS = {  # task kind → (metric key in metrics.json "after", column name)
-    "translation": [("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET")],
-    "summarization": [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")],
+METRICS = {  # task kind → (metric key in metrics.json "after", column name); the test loss: lower is better
+    "translation": [("bleu", "BLEU"), ("chrf", "chrF"), ("comet", "COMET"), ("loss", "test loss")],
+    "summarization": [
+        ("rouge1", "ROUGE-1"),
+        ("rouge2", "ROUGE-2"),
+        ("rougeL", "ROUGE-L"),
+        ("loss", "test loss"),
+    ],
 }
 MAIN_METRIC_ORDER = ("comet", "bleu", "rougeL", "chrf")  # the pipeline's main metric, in order of preference
 FAMILIES = (
@@ -281,12 +287,33 @@ def _warn_pooled(row: Row) -> None:
 
 
 @dataclass
+class Comparison:
+    """Every method against `baseline` (report.baseline), per task and metric: `neft_lab.significance`."""
+
+    baseline: str
+    alpha: float
+    samples: int
+    results: dict[tuple[str, str, str, str], PairedResult] = field(
+        default_factory=dict
+    )  # (model, label, task, metric)
+    skipped: list[str] = field(default_factory=list)  # why a method/task has no test
+
+    def result(self, row: Row, task: str, metric: str) -> PairedResult | None:
+        return self.results.get((row.model, row.method.label, task, metric))
+
+    def marker(self, row: Row, task: str, metric: str) -> str:
+        found = self.result(row, task, metric)
+        return " *" if found is not None and found.significant(self.alpha) else ""
+
+
+@dataclass
 class Table:
     rows: list[Row]
     tasks: list[str]
     metrics: dict[str, list[tuple[str, str]]]  # task → its metric columns
     show_model: bool
     bleu_signatures: dict[str, dict[str, int]] = field(default_factory=dict)  # see bleu_signatures()
+    comparison: Comparison | None = None  # report.baseline: paired bootstrap against one method
 
     def stat(self, row: Row, task: str, metric: str) -> Stat:
         return Stat.of([r.get(f"after_{metric}") for r in row.runs.get(task, [])])
@@ -401,7 +428,11 @@ def to_markdown(table: Table) -> str:
         cells = [row.method.label] + ([row.model] if table.show_model else [])
         cells += [learning_rates(row)] if lr_column(table) else []
         for task in table.tasks:
-            cells += [table.stat(row, task, key).cell() for key, _ in table.metrics[task]]
+            cells += [
+                table.stat(row, task, key).cell()
+                + (table.comparison.marker(row, task, key) if table.comparison else "")
+                for key, _ in table.metrics[task]
+            ]
         cells += [
             _fmt(table.trainable_percent(row).mean, ".3g"),
             _fmt(table.step_seconds(row), ".3g"),
@@ -412,7 +443,12 @@ def to_markdown(table: Table) -> str:
             cells += [_fmt(table.analysis(row, key), spec) for key, (_, spec) in ANALYSIS_COLUMNS.items()]
         lines.append("| " + " | ".join(cells) + " |")
     note = lr_note(table) + bleu_note(table.bleu_signatures)
-    return "\n".join(lines) + "\n" + (f"\n{note}" if note else "")
+    if table.comparison is not None and table.comparison.results:
+        note += (
+            f"* p < {table.comparison.alpha:g} against {table.comparison.baseline} "
+            "(paired bootstrap over test segments, seeds paired; the table below)\n"
+        )
+    return "\n".join(lines) + "\n" + (f"\n{note}" if note else "") + significance_markdown(table)
 
 
 def to_csv(table: Table) -> str:
@@ -420,6 +456,13 @@ def to_csv(table: Table) -> str:
     header = ["method", "family", "model"]
     for task in table.tasks:
         header += [f"{task}/{key}/{part}" for key, _ in table.metrics[task] for part in ("mean", "std", "n")]
+        if table.comparison is not None:
+            header += [
+                f"{task}/{key}/{part}"
+                for key, _ in table.metrics[task]
+                if key in SIGNIFICANCE_METRICS
+                for part in ("delta", "ci_low", "ci_high", "p")
+            ]
     header += ["trainable_percent", "step_seconds_median", "peak_memory_gib", "runs", "seeds", "lr"]
     header += [f"analysis_{key}" for key in ANALYSIS_COLUMNS] if table.has_analysis else []
     buffer = io.StringIO()
@@ -431,6 +474,20 @@ def to_csv(table: Table) -> str:
             for key, _ in table.metrics[task]:
                 stat = table.stat(row, task, key)
                 cells += [_num(stat.mean), _num(stat.std), stat.n]
+            if table.comparison is not None:
+                for key, _ in table.metrics[task]:
+                    if key in SIGNIFICANCE_METRICS:
+                        found = table.comparison.result(row, task, key)
+                        cells += (
+                            ["", "", "", ""]
+                            if found is None
+                            else [
+                                _num(found.delta),
+                                _num(found.ci_low),
+                                _num(found.ci_high),
+                                _num(found.p_value),
+                            ]
+                        )
         seeds = sorted({r.get("seed") for r in row.all_runs}, key=str)
         cells += [
             _num(table.trainable_percent(row).mean),
@@ -448,6 +505,140 @@ def to_csv(table: Table) -> str:
 
 def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
+
+
+# ---- significance against a baseline -------------------------------------------------------------------
+def baseline_rows(table: Table, name: str) -> dict[str, Row]:
+    """The baseline method per model: `name` is a row label ("NeFT 9%", any case) or a strategy name (neft)
+    that exactly one method uses."""
+    wanted = str(name).strip().lower()
+    labels = sorted({row.method.label for row in table.rows})
+    chosen = [row for row in table.rows if row.method.label.lower() == wanted]
+    if not chosen:
+        by_strategy = {
+            row.method.label
+            for row in table.rows
+            if any(
+                str(r.get("strategy_name") or r.get("strategy") or "").lower() == wanted for r in row.all_runs
+            )
+        }
+        if len(by_strategy) > 1:
+            raise ConfigError(
+                f"report.baseline={name}: {len(by_strategy)} methods use that strategy ({', '.join(sorted(by_strategy))}): "
+                f"name one, e.g. report.baseline='{sorted(by_strategy)[0]}'"
+            )
+        chosen = [row for row in table.rows if row.method.label in by_strategy]
+    if not chosen:
+        raise ConfigError(
+            f"report.baseline={name}: no such method here; the methods are: {', '.join(labels)}"
+        )
+    return {row.model: row for row in chosen}
+
+
+def compare_to_baseline(table: Table, name: str, samples: int = 1000, alpha: float = 0.05) -> Comparison:
+    """Paired bootstrap of every other method against the baseline, per task and per metric with segment
+    statistics (BLEU, chrF, ROUGE, test loss), seed i paired with seed i (`neft_lab.significance`)."""
+    from neft_lab import significance
+
+    bases = baseline_rows(table, name)
+    comparison = Comparison(next(iter(bases.values())).method.label, alpha, samples)
+    cache: dict[str, list[dict[str, Any]] | None] = {}
+    for row in table.rows:
+        base = bases.get(row.model)
+        if base is None or base is row:
+            continue
+        for task in table.tasks:
+            pairs = _seed_pairs(base.runs.get(task, []), row.runs.get(task, []))
+            if not pairs:
+                if row.runs.get(task) and base.runs.get(task):
+                    comparison.skipped.append(
+                        f"{row.method.label} on {task}: no seed shared with the baseline"
+                    )
+                continue
+            predictions = [[_predictions(r, cache) for r in pair] for pair in pairs]
+            if any(p is None for pair in predictions for p in pair):
+                comparison.skipped.append(f"{row.method.label} on {task}: a run has no predictions.jsonl")
+                continue
+            if not significance.same_test_set([p for pair in predictions for p in pair]):
+                comparison.skipped.append(
+                    f"{row.method.label} on {task}: the runs scored different test sets"
+                )
+                continue
+            first = pairs[0][0]
+            for key, _ in table.metrics[task]:
+                if key not in SIGNIFICANCE_METRICS or not all(
+                    significance.has_statistics(key, p) for pair in predictions for p in pair
+                ):
+                    continue
+                metric = significance.segment_metric(
+                    key, str(first.get("target_lang") or "en"), bool(first.get("bleu_lowercase") or False)
+                )
+                comparison.results[(row.model, row.method.label, task, key)] = significance.paired_bootstrap(
+                    metric, [b for b, _ in predictions], [m for _, m in predictions], samples
+                )
+    for line in comparison.skipped:
+        logger.warning("report: no significance test for %s", line)
+    return comparison
+
+
+SIGNIFICANCE_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "loss")
+
+
+def _seed_pairs(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """(baseline run, method run) of each seed both have, in seed order."""
+    base_by_seed = {r.get("seed"): r for r in base}
+    other_by_seed = {r.get("seed"): r for r in other}
+    shared = sorted(set(base_by_seed) & set(other_by_seed), key=str)
+    return [(base_by_seed[s], other_by_seed[s]) for s in shared]
+
+
+def _predictions(
+    run: dict[str, Any], cache: dict[str, list[dict[str, Any]] | None]
+) -> list[dict[str, Any]] | None:
+    path = Path(str(run.get("run_dir", ""))) / "predictions.jsonl"
+    if str(path) not in cache:
+        try:
+            cache[str(path)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            cache[str(path)] = None
+    return cache[str(path)]
+
+
+def significance_markdown(table: Table) -> str:
+    """The paired tests as a second table: Δ (method − baseline) [95% CI], p, per task and metric."""
+    comparison = table.comparison
+    if comparison is None or not comparison.results:
+        return ""
+    columns = [(t, k, n) for t in table.tasks for k, n in table.metrics[t] if k in SIGNIFICANCE_METRICS]
+    columns = [c for c in columns if any(key[2:] == c[:2] for key in comparison.results)]
+    header = (
+        ["method"]
+        + (["model"] if table.show_model else [])
+        + [f"{t} {n}: Δ [95% CI], p" for t, _, n in columns]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for row in table.rows:
+        found = [comparison.result(row, t, k) for t, k, _ in columns]
+        if not any(found):
+            continue
+        cells = [row.method.label] + ([row.model] if table.show_model else [])
+        for result in found:
+            cells.append("–" if result is None else _significance_cell(result, comparison.alpha))
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = sorted({r.pairs for r in comparison.results.values()})
+    segments = sorted({r.segments for r in comparison.results.values()})
+    return (
+        f"\nPaired bootstrap against **{comparison.baseline}** (Δ = method − baseline, mean over "
+        f"{'/'.join(map(str, pairs))} seed pair(s); {comparison.samples} resamples of the "
+        f"{'/'.join(map(str, segments))} test segments; * p < {comparison.alpha:g}; lower test loss is better):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def _significance_cell(result: PairedResult, alpha: float) -> str:
+    mark = " *" if result.significant(alpha) else ""
+    return f"{result.delta:+.2f} [{result.ci_low:+.2f}, {result.ci_high:+.2f}], p={result.p_value:.3f}{mark}"
 
 
 # ---- the plot ----------------------------------------------------------------------------------------
@@ -550,15 +741,89 @@ def report(cfg: DictConfig) -> None:
     if requested and not any(requested in [k for k, _ in m] for m in table.metrics.values()):
         known = sorted({k for m in table.metrics.values() for k, _ in m})
         raise ConfigError(f"report.metric={requested}: no run has it; these runs have {known}")
+    if settings.get("baseline"):
+        table.comparison = compare_to_baseline(
+            table,
+            str(settings.baseline),
+            int(settings.get("samples") or 1000),
+            float(settings.get("alpha") or 0.05),
+        )
     markdown = to_markdown(table)
     atomic_write_text(out / "table.md", markdown)
     atomic_write_text(out / "table.csv", to_csv(table))
     plot_budget_vs_score(table, out / "budget_vs_score.png", requested)
+    plot_convergence(table, out / "convergence.png")
     print(markdown, flush=True)
+    if settings.get("wandb"):
+        log_report_to_wandb(cfg, table, out)
     logger.info(
-        "report: %d runs, %d methods, %d task(s) → %s (table.md, table.csv, budget_vs_score.png)",
+        "report: %d runs, %d methods, %d task(s) → %s (table.md, table.csv, budget_vs_score.png, convergence.png)",
         len(runs),
         len(table.rows),
         len(table.tasks),
         out,
     )
+
+
+def plot_convergence(table: Table, path: Path) -> Path:
+    """Validation loss against step per method and task (`neft_lab.curves`), from the runs' own logs."""
+    from neft_lab.curves import curves_figure
+
+    panels = {
+        task: {
+            (f"{row.method.label} ({row.model})" if table.show_model else row.method.label): [
+                r["run_dir"] for r in row.runs[task]
+            ]
+            for row in table.rows
+            if row.runs.get(task)
+        }
+        for task in table.tasks
+    }
+    return _atomic_savefig(curves_figure(panels), path)
+
+
+def wandb_summary(table: Table) -> dict[str, Any]:
+    """The report as W&B summary values: `<method>/<task>/<metric>` mean, and against the baseline
+    `.../delta`, `.../p` and `.../significant`."""
+    summary: dict[str, Any] = {}
+    for row in table.rows:
+        prefix = f"{row.method.label} ({row.model})" if table.show_model else row.method.label
+        for task in table.tasks:
+            for key, _ in table.metrics[task]:
+                stat = table.stat(row, task, key)
+                if stat.mean is not None:
+                    summary[f"{prefix}/{task}/{key}"] = stat.mean
+                found = table.comparison.result(row, task, key) if table.comparison else None
+                if found is not None:
+                    summary[f"{prefix}/{task}/{key}/delta"] = found.delta
+                    summary[f"{prefix}/{task}/{key}/p"] = found.p_value
+                    summary[f"{prefix}/{task}/{key}/significant"] = found.significant(table.comparison.alpha)
+    if table.comparison is not None:
+        summary["baseline"] = table.comparison.baseline
+    return summary
+
+
+def log_report_to_wandb(cfg: DictConfig, table: Table, out: Path) -> None:
+    """`report.wandb=true`: one W&B run (job_type=report) with the table, the plots and `wandb_summary`
+    (offline unless credentials exist, as for training runs)."""
+    import wandb
+
+    from neft_lab.config import wandb_offline
+
+    run = wandb.init(
+        project=str(OmegaConf.select(cfg, "logger.wandb.project", default="neft_lab") or "neft_lab"),
+        group=str(OmegaConf.select(cfg, "experiment_name", default="report") or "report"),
+        job_type="report",
+        name=f"report-{out.parent.name}",
+        dir=str(out),
+        mode="offline" if wandb_offline() else "online",
+    )
+    try:
+        rows = list(csv.reader(io.StringIO(to_csv(table))))
+        run.log({"report/table": wandb.Table(columns=rows[0], data=rows[1:])})
+        for name in ("budget_vs_score.png", "convergence.png"):
+            if (out / name).exists():
+                run.log({f"report/{name.removesuffix('.png')}": wandb.Image(str(out / name))})
+        run.summary.update(wandb_summary(table))
+    finally:
+        run.finish()

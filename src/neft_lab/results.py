@@ -24,6 +24,8 @@ SETTINGS = {
     "reverse_share": "selection.reverse_share",
     "selection_file": "selection.file",
     "budget_share": "budget",  # the top-level budget (LoRA r=match matches it)
+    "target_lang": "task.target_lang",  # how BLEU was tokenized (stage=report's significance tests rescore it)
+    "bleu_lowercase": "task.bleu_lowercase",
 }
 
 

@@ -23,11 +23,23 @@ def bleu_with_signature(
     `lowercase=True` is `sacrebleu --lowercase`, the paper authors' setting; the signature is
     only known once the metric has scored (it counts the references).
     """
-    from sacrebleu.metrics import BLEU
-
-    metric = BLEU(tokenize=bleu_tokenizer(target_lang), lowercase=lowercase)
+    metric = bleu_metric(target_lang, lowercase)
     result = metric.corpus_score(predictions, [references])
     return float(result.score), str(metric.get_signature())
+
+
+def bleu_metric(target_lang: str = "en", lowercase: bool = False) -> Any:
+    """The sacreBLEU BLEU object every BLEU here is computed with (reports and significance tests too)."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(tokenize=bleu_tokenizer(target_lang), lowercase=lowercase)
+
+
+def chrf_metric() -> Any:
+    """sacreBLEU's chrF with its defaults (`sacrebleu.corpus_chrf`)."""
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
 
 
 def bleu(
@@ -37,9 +49,7 @@ def bleu(
 
 
 def chrf(predictions: list[str], references: list[str]) -> float:
-    import sacrebleu
-
-    return float(sacrebleu.corpus_chrf(predictions, [references]).score)
+    return float(chrf_metric().corpus_score(predictions, [references]).score)
 
 
 class _CharTokenizer:
@@ -51,20 +61,31 @@ class _CharTokenizer:
 
 def rouge(predictions: list[str], references: list[str], target_lang: str = "en") -> dict[str, float]:
     """Mean F1 of ROUGE-1/2/L (x100), stemmed for English, per character for CJK."""
+    segments = rouge_segments(predictions, references, target_lang)
+    n = max(len(predictions), 1)
+    return {kind: sum(values) / n for kind, values in segments.items()}
+
+
+ROUGE_KINDS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_segments(
+    predictions: list[str], references: list[str], target_lang: str = "en"
+) -> dict[str, list[float]]:
+    """Each segment's ROUGE-1/2/L F1 (x100): what `rouge` averages and a paired bootstrap resamples."""
     from rouge_score import rouge_scorer
 
-    kinds = ["rouge1", "rouge2", "rougeL"]
+    kinds = list(ROUGE_KINDS)
     if target_lang in CJK_LANGS:
         scorer = rouge_scorer.RougeScorer(kinds, tokenizer=_CharTokenizer())
     else:
         scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
-    totals = dict.fromkeys(kinds, 0.0)
+    out: dict[str, list[float]] = {kind: [] for kind in kinds}
     for prediction, reference in zip(predictions, references):
         scores = scorer.score(reference, prediction)
         for kind in kinds:
-            totals[kind] += scores[kind].fmeasure
-    n = max(len(predictions), 1)
-    return {kind: 100.0 * total / n for kind, total in totals.items()}
+            out[kind].append(100.0 * scores[kind].fmeasure)
+    return out
 
 
 def comet(

@@ -153,18 +153,28 @@ def finished_reference_run(cfg: DictConfig, folder: Path) -> tuple[DictConfig, d
 
     where = f"selection.reference.run={folder}"
     if scorer_of(cfg) != "cosine":
-        raise ConfigError(f"{where}: a finished full fine-tune is a reference for selection.scorer=cosine only")
+        raise ConfigError(
+            f"{where}: a finished full fine-tune is a reference for selection.scorer=cosine only"
+        )
     if not (folder / "config.yaml").is_file():
-        raise ConfigError(f"{where}: not a run folder (no config.yaml): give the folder of a finished strategy=full run")
+        raise ConfigError(
+            f"{where}: not a run folder (no config.yaml): give the folder of a finished strategy=full run"
+        )
     metrics = finished_metrics(folder)
     if not metrics or "train" not in metrics:
-        raise ConfigError(f"{where}: the run has not finished (no complete metrics.json): finish or resume it first")
+        raise ConfigError(
+            f"{where}: the run has not finished (no complete metrics.json): finish or resume it first"
+        )
     run_cfg = OmegaConf.load(folder / "config.yaml")
     strategy = OmegaConf.select(run_cfg, "strategy.name")
     if strategy != "full":
-        raise ConfigError(f"{where}: a strategy={strategy} run; the reference must be full fine-tuning (strategy=full)")
+        raise ConfigError(
+            f"{where}: a strategy={strategy} run; the reference must be full fine-tuning (strategy=full)"
+        )
     if not (folder / "export" / "config.json").is_file():
-        raise ConfigError(f"{where}: no exported model in {folder / 'export'} (was it run with export.enabled=false?)")
+        raise ConfigError(
+            f"{where}: no exported model in {folder / 'export'} (was it run with export.enabled=false?)"
+        )
     if model_fingerprint(run_cfg.model) != model_fingerprint(cfg.model):
         raise ConfigError(
             f"{where}: that run fine-tuned model {run_cfg.model.name}, this run uses {cfg.model.name}: "

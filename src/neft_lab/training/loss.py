@@ -43,7 +43,9 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     return sums, counts
 
 
-def target_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The next-token loss of every target token of `batch` (row-major) and the row each belongs to."""
     labels = batch["labels"]
     next_labels = labels[:, 1:]
