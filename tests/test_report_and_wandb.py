@@ -216,7 +216,7 @@ def test_report_table_shape_labels_and_arithmetic(tmp_path):
     )
     assert header == (
         "| method | wmt_zh_en BLEU | wmt_zh_en chrF | xsum ROUGE-1 | xsum ROUGE-2 | xsum ROUGE-L "
-        "| trainable % | step s (median) | peak mem GiB | runs |"
+        "| trainable % | step s (median) | wall min | peak mem GiB | runs |"
     )  # no COMET column: no run computed it; the stage=eval run is left out
     labels = [line.split(" | ")[0].lstrip("| ") for line in body]
     assert labels == [

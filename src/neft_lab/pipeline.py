@@ -234,7 +234,7 @@ def _evaluate_split(
         logger.info(
             "  src: %s\n  ref: %s\n  hyp: %s",
             row["source"][:200],
-            row["reference"][:200],
+            row["reference"][:200] or ", ".join(row.get("instruction_id_list", ())),  # IFEval: the checks
             row["prediction"][:200],
         )
     return metrics, rows
@@ -425,7 +425,7 @@ def _best_score(trainer: L.Trainer) -> float | None:
 def _main_metric(metrics: dict[str, Any] | None) -> float | None:
     if not metrics:
         return None
-    for key in ("comet", "bleu", "rougeL", "chrf"):
+    for key in ("comet", "bleu", "rougeL", "chrf", "ifeval_prompt_strict"):
         if metrics.get(key) is not None:
             return float(metrics[key])
     return None

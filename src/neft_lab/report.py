@@ -338,6 +338,12 @@ class Table:
         return any(k.startswith("analysis_") for row in self.rows for r in row.all_runs for k in r)
 
     @staticmethod
+    def wall_minutes(row: Row) -> float | None:
+        """The mean over the row's runs of each run's whole wall time (load, train, evaluate), in minutes."""
+        mean = Stat.of([r.get("wall_seconds") for r in row.all_runs]).mean
+        return None if mean is None else mean / 60
+
+    @staticmethod
     def peak_memory_gib(row: Row) -> float | None:
         """The largest peak over the row's runs."""
         values = [r["train_peak_memory_bytes"] for r in row.all_runs if r.get("train_peak_memory_bytes")]
@@ -421,7 +427,7 @@ def to_markdown(table: Table) -> str:
     header = ["method"] + (["model"] if table.show_model else []) + (["lr"] if lr_column(table) else [])
     for task in table.tasks:
         header += [f"{task} {name}" for _, name in table.metrics[task]]
-    header += ["trainable %", "step s (median)", "peak mem GiB", "runs"]
+    header += ["trainable %", "step s (median)", "wall min", "peak mem GiB", "runs"]
     header += [name for name, _ in ANALYSIS_COLUMNS.values()] if table.has_analysis else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
@@ -436,6 +442,7 @@ def to_markdown(table: Table) -> str:
         cells += [
             _fmt(table.trainable_percent(row).mean, ".3g"),
             _fmt(table.step_seconds(row), ".3g"),
+            _fmt(table.wall_minutes(row), ".3g"),
             _fmt(table.peak_memory_gib(row), ".2f"),
             str(len(row.all_runs)),
         ]
@@ -463,7 +470,15 @@ def to_csv(table: Table) -> str:
                 if key in SIGNIFICANCE_METRICS
                 for part in ("delta", "ci_low", "ci_high", "p")
             ]
-    header += ["trainable_percent", "step_seconds_median", "peak_memory_gib", "runs", "seeds", "lr"]
+    header += [
+        "trainable_percent",
+        "step_seconds_median",
+        "wall_minutes_mean",
+        "peak_memory_gib",
+        "runs",
+        "seeds",
+        "lr",
+    ]
     header += [f"analysis_{key}" for key in ANALYSIS_COLUMNS] if table.has_analysis else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -492,6 +507,7 @@ def to_csv(table: Table) -> str:
         cells += [
             _num(table.trainable_percent(row).mean),
             _num(table.step_seconds(row)),
+            _num(table.wall_minutes(row)),
             _num(table.peak_memory_gib(row)),
             len(row.all_runs),
             " ".join(str(s) for s in seeds),

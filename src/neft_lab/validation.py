@@ -9,7 +9,8 @@ that belong to a component live there and are called from here, so each has one 
 - scheduler and clip scope: `SCHEDULES` / `CLIP_SCOPES` of `training.module`;
 - strategy arguments: the strategies' constructors (`build_strategy`) and their `check_config` (LoRA's
   `r=match` budget; NeFT's selection: `neurons.workflow.check_selection`, with `Budget.check`);
-- task: `Task.from_config` (metrics, prompt, token limits) and `Task.check_folders` (local data folders);
+- task: `Task.from_config` (metrics, prompt, token limits), `Task.check_folders` (local data folders and files)
+  and, for the ifeval metric, `evaluation.ifeval.check_available` (the `ifeval` extra);
 - stage=report: `report.report_root`;
 - stage=analyze: `analysis.stage.settings` (run folders, neuron sets and their fit, analysis.* values).
 """
@@ -221,6 +222,10 @@ def _check_task(cfg: DictConfig) -> None:
     with resolving("task"):
         task = Task.from_config(cfg.task)
     task.check_folders()
+    if "ifeval" in task.metrics:  # the `ifeval` extra: a missing package is one line now, not after training
+        from neft_lab.evaluation.ifeval import check_available
+
+        check_available()
 
 
 def _check_model_and_strategy(cfg: DictConfig) -> None:

@@ -2,18 +2,24 @@
 
 The prompt is tokenized on its own and the target appended, so the model sees at evaluation
 exactly the prefix it was trained to continue. Only target tokens (and the closing EOS) carry loss.
+
+Instruction tasks render a record as the user's turn of the tokenizer's chat template (`model.chat_template`
+true, or auto and the tokenizer has one), their targets closed by the template's end-of-turn token and EOS, or
+with Stanford Alpaca's plain template (`task.prompt` / `task.prompt_with_input`), closed by EOS.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from neft_lab.data.examples import Example
-from neft_lab.data.task import Task
-from neft_lab.errors import DataError
+from neft_lab.data.task import INSTRUCTION, Task
+from neft_lab.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +32,63 @@ class Encoded:
     prompt_length: int  # tokens before the target; they carry no loss
 
 
+CHAT_TEMPLATE_MODES = (True, False, "auto")
+
+
+def use_chat_template(setting: bool | str, tokenizer: Any) -> bool:
+    """`model.chat_template`: true (the tokenizer must have one), false, or auto (when the tokenizer has one)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has_template
+    if setting not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"model.chat_template={setting!r}: choose true, false or auto")
+    if setting and not has_template:
+        raise DataError(
+            "model.chat_template=true but the tokenizer has no chat template: set model.chat_template=false "
+            "(or auto: use it where there is one)"
+        )
+    return bool(setting)
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token a chat template closes an assistant turn with (Gemma's `<end_of_turn>`, Qwen's
+    `<|im_end|>`, Llama-3's `<|eot_id|>`), read off the template by rendering one exchange; [] when it closes
+    with nothing special or cannot render an assistant turn."""
+    sentinel = "NEFTLABSENTINEL"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
+        )
+    except Exception as err:  # noqa: BLE001 - templates raise anything (jinja errors, their own checks)
+        logger.warning(
+            "the chat template cannot render an assistant turn (%s): targets end with EOS only", err
+        )
+        return []
+    if not isinstance(text, str) or sentinel not in text:
+        return []
+    tail = tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special
+    }
+    return [next(i for i in tail if i in special)] if any(i in special for i in tail) else []
+
+
 class PromptEncoder:
-    def __init__(self, tokenizer, task: Task, chat_template: bool = False) -> None:
+    def __init__(self, tokenizer, task: Task, chat_template: bool | str = False) -> None:
         if tokenizer.eos_token_id is None:
             raise DataError(
                 "the tokenizer has no EOS token: set one (tokenizer.eos_token) so targets can end"
             )
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise DataError(
-                "model.chat_template=true but the tokenizer has no chat template: set model.chat_template=false"
-            )
         self.tokenizer = tokenizer
         self.task = task
-        self.chat_template = chat_template
+        self.chat_template = use_chat_template(chat_template, tokenizer)
         self._overhead: int | None = None
+        self.instruction = task.kind == INSTRUCTION
+        # instruction tasks under a chat template: a target ends as the template ends an assistant turn, then EOS
+        turn_end = end_of_turn_ids(tokenizer) if self.instruction and self.chat_template else []
+        self.target_end = list(dict.fromkeys([*turn_end, tokenizer.eos_token_id]))
+        # what generation stops at beyond the model's own EOS (instruction tasks: the end of a turn and EOS)
+        self.stop_token_ids: tuple[int, ...] = tuple(self.target_end) if self.instruction else ()
 
     def prompt_text(self, source: str) -> str:
         text = self.task.format_prompt(source)
@@ -53,39 +102,77 @@ class PromptEncoder:
         # a chat template already contains BOS; plain prompts get the tokenizer's special tokens
         return self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
 
+    def instruction_text(self, instruction: str, input: str = "", with_input: bool | None = None) -> str:
+        """An instruction record as prompt text: the user's turn of the chat template (the instruction, then
+        the input after a blank line) or the task's plain template. `with_input` (default: a non-empty input)
+        picks the form with an input section."""
+        with_input = bool(input) if with_input is None else with_input
+        if not self.chat_template:
+            return self.task.render_instruction(instruction, input, with_input)
+        content = f"{instruction}\n\n{input}" if with_input else instruction
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
     def encode_prompt(self, example: Example) -> list[int]:
+        if self.instruction:
+            return self._encode_instruction_prompt(example)
         ids = self._tokenize(self.prompt_text(example.source))
         limit = self.task.max_prompt_tokens
         if len(ids) <= limit:
             return ids
+        self._check_truncation(example, len(ids))
+        return self._tokenize(self.prompt_text(self._truncated_source(example.source, limit)))
+
+    def _encode_instruction_prompt(self, example: Example) -> list[int]:
+        meta = example.meta or {}
+        instruction, input = meta.get("instruction", example.source), meta.get("input", "")
+        ids = self._tokenize(self.instruction_text(instruction, input))
+        limit = self.task.max_prompt_tokens
+        if len(ids) <= limit:
+            return ids
+        self._check_truncation(example, len(ids))
+        if input:  # cut the input (the context) before the instruction (the task itself)
+            cut = self._fit(input, limit, lambda text: self.instruction_text(instruction, text, True))
+            return self._tokenize(self.instruction_text(instruction, cut, True))
+        cut = self._fit(instruction, limit, lambda text: self.instruction_text(text))
+        return self._tokenize(self.instruction_text(cut))
+
+    def _check_truncation(self, example: Example, length: int) -> None:
         if not self.task.truncate_source:
             raise DataError(
-                f"{example.origin or 'an example'}: the prompt is {len(ids)} tokens, longer than "
-                f"task.max_prompt_tokens={limit}. Raise task.max_prompt_tokens, drop the example, "
-                "or set task.truncate_source=true to cut long sources."
+                f"{example.origin or 'an example'}: the prompt is {length} tokens, longer than "
+                f"task.max_prompt_tokens={self.task.max_prompt_tokens}. Raise task.max_prompt_tokens, drop the "
+                "example, or set task.truncate_source=true to cut long sources."
             )
-        return self._tokenize(self.prompt_text(self._truncated_source(example.source, limit)))
 
     def _truncated_source(self, source: str, limit: int) -> str:
         if self._overhead is None:
             self._overhead = len(self._tokenize(self.prompt_text("")))
-        budget = limit - self._overhead
+        return self._fit(source, limit, self.prompt_text, self._overhead)
+
+    def _fit(self, text: str, limit: int, render: Callable[[str], str], overhead: int | None = None) -> str:
+        """The longest head of `text` whose rendered prompt fits in `limit` tokens."""
+        if overhead is None:
+            overhead = len(self._tokenize(render("")))
+        budget = limit - overhead
         if budget <= 0:
             raise DataError(
                 f"task.max_prompt_tokens={limit} leaves no room for the source after the prompt template"
             )
-        source_ids = self.tokenizer(source, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         for keep in range(budget, 0, -max(1, budget // 16)):
-            text = self.tokenizer.decode(source_ids[:keep], skip_special_tokens=True)
-            if len(self._tokenize(self.prompt_text(text))) <= limit:
-                return text
+            head = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
+            if len(self._tokenize(render(head))) <= limit:
+                return head
         raise DataError(f"cannot fit any of the source into task.max_prompt_tokens={limit}")
 
     def encode_target(self, target: str) -> tuple[list[int], bool]:
-        """Target ids closed by EOS, and whether they had to be cut to task.max_target_tokens."""
+        """Target ids closed by EOS (instruction tasks under a chat template: by its end-of-turn token, then
+        EOS), and whether they had to be cut to task.max_target_tokens."""
         ids = self.tokenizer(self.task.target_prefix + target, add_special_tokens=False)["input_ids"]
-        keep = self.task.max_target_tokens - 1
-        return ids[:keep] + [self.tokenizer.eos_token_id], len(ids) > keep
+        keep = max(self.task.max_target_tokens - len(self.target_end), 0)
+        return ids[:keep] + self.target_end, len(ids) > keep
 
     def encode_all(self, examples: list[Example]) -> list[Encoded]:
         encoded, cut = [], 0

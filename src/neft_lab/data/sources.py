@@ -16,8 +16,8 @@ from neft_lab.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-def read_lines(path: Path) -> list[str]:
-    """Read a UTF-8 text file as one segment per line (no trailing newline kept)."""
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content (a byte-order mark dropped); a missing or non-UTF-8 file is a DataError."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -31,8 +31,12 @@ def read_lines(path: Path) -> list[str]:
             f"{path} line {line}, column {column} is not valid UTF-8 (byte 0x{raw[err.start]:02x}). "
             f"Re-encode the file as UTF-8, e.g. `iconv -f GB18030 -t UTF-8 {path.name}` for Chinese text."
         ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_lines(path: Path) -> list[str]:
+    """Read a UTF-8 text file as one segment per line (no trailing newline kept)."""
+    text = read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -55,18 +59,24 @@ def data_folder(folder: str | Path, key: str) -> Path:
     return path
 
 
-def _field(record: dict[str, Any], dotted: str, where: str) -> str:
+def _field(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> str:
+    """The text at a (dotted) field of a record; `fix` says which setting names the field."""
+    value = _value(record, dotted, where, fix)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{dotted}' is {type(value).__name__}, expected text")
+    return value
+
+
+def _value(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> Any:
     value: Any = record
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
             raise DataError(
                 f"{where} has no field '{dotted}' (fields: {keys}). "
-                f"Set task.data.source_field / task.data.target_field to the right names."
+                + (fix or "Set task.data.source_field / task.data.target_field to the right names.")
             )
         value = value[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{dotted}' is {type(value).__name__}, expected text")
     return value
 
 
@@ -141,3 +151,107 @@ def read_hub_split(
         )
         for i, row in enumerate(dataset)
     ]
+
+
+# ---- instruction records (task kind "instruction") ---------------------------------------------------------
+def data_file(path: str | Path, key: str, what: str) -> Path:
+    """A data file that must exist; `key` names the setting that points at it, `what` the records it holds."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        state = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise DataError(f"{key}={file} {state}: point {key} at a JSONL file of {what}")
+    return file
+
+
+def read_records(path: Path) -> list[tuple[dict[str, Any], str]]:
+    """The JSON objects of a JSONL file (one per line), or of a `.json` file holding one array of them
+    (Stanford Alpaca's `alpaca_data.json`), each with where it is (`file line N`) for error messages."""
+    text = read_text(path) if path.suffix == ".json" else ""
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+        records = [(row, f"{path} record {i + 1}") for i, row in enumerate(rows)]
+    else:
+        records = []
+        for i, line in enumerate(read_lines(path)):
+            if not line.strip():
+                continue
+            where = f"{path} line {i + 1}"
+            try:
+                records.append((json.loads(line), where))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{where} is not valid JSON ({err.msg}): each line must be one JSON object"
+                ) from None
+    for record, where in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is a JSON {type(record).__name__}, expected an object (one record)")
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records
+
+
+def read_instruction_file(
+    path: Path, instruction_field: str, input_field: str | None, output_field: str
+) -> list[Example]:
+    """Alpaca-style records: an instruction, an optional input (empty or null: none) and the output to learn.
+
+    `source` is the user's message (instruction, then the input after a blank line), `target` the output;
+    `meta` keeps instruction and input apart for the plain template, which places them in separate sections.
+    """
+    examples = []
+    for record, where in read_records(path):
+        instruction = _field(record, instruction_field, where, _fix("instruction_field", "the instruction"))
+        output = _field(record, output_field, where, _fix("output_field", "the response to learn"))
+        extra = ""
+        if input_field:
+            fix = _fix("input_field", "the input") + " (task.data.input_field=null: the records have none)"
+            extra = _value(record, input_field, where, fix)
+            if extra is None:
+                extra = ""
+            if not isinstance(extra, str):
+                raise DataError(f"{where}: field '{input_field}' is {type(extra).__name__}, expected text")
+        source = f"{instruction}\n\n{extra}" if extra else instruction
+        examples.append(Example(source, output, where, {"instruction": instruction, "input": extra}))
+    return examples
+
+
+def read_ifeval_file(path: Path, prompt_field: str) -> list[Example]:
+    """IFEval rows (the format of its `input_data.jsonl`): a prompt, the ids of the instructions it contains
+    and each one's arguments. They have no reference output: `target` is empty."""
+    examples = []
+    for number, (record, where) in enumerate(read_records(path), 1):
+        prompt = _field(record, prompt_field, where, _fix("test_prompt_field", "the prompt"))
+        fix = (
+            "IFEval test rows need prompt, instruction_id_list and kwargs (the format of IFEval's "
+            "input_data.jsonl); for a test file of instruction/input/output records set task.data.test_prompt_field=null"
+        )
+        ids = _value(record, "instruction_id_list", where, fix)
+        kwargs = _value(record, "kwargs", where, fix)
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise DataError(
+                f"{where}: instruction_id_list must be a non-empty list of instruction ids, got {ids!r}"
+            )
+        if (
+            not isinstance(kwargs, list)
+            or len(kwargs) != len(ids)
+            or not all(isinstance(k, dict) for k in kwargs)
+        ):
+            raise DataError(
+                f"{where}: kwargs must be a list of {len(ids)} objects, one per instruction id, got {kwargs!r}"
+            )
+        meta = {
+            "instruction": prompt,
+            "input": "",
+            "key": record.get("key", number),
+            "instruction_id_list": ids,
+            "kwargs": kwargs,
+        }
+        examples.append(Example(prompt, "", where, meta))
+    return examples
+
+
+def _fix(setting: str, what: str) -> str:
+    return f"Set task.data.{setting} to the name of the field that holds {what}."

@@ -1,4 +1,10 @@
-"""A task = prompt template + target language + metrics + data sources, read from `conf/task/*.yaml`."""
+"""A task = prompt template + target language + metrics + data sources, read from `conf/task/*.yaml`.
+
+Kinds: `translation` and `summarization` (a source text → a reference target, `prompt` holds `{source}`) and
+`instruction` (Alpaca-style instruction/input/output records; `prompt` / `prompt_with_input` hold
+`{instruction}` and `{input}`, or the tokenizer's chat template renders the turn), whose test split may be
+IFEval rows scored by the `ifeval` metric (no reference outputs).
+"""
 
 from __future__ import annotations
 
@@ -16,16 +22,19 @@ from neft_lab.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-KNOWN_METRICS = {"bleu", "chrf", "rouge", "comet"}
+KNOWN_METRICS = {"bleu", "chrf", "rouge", "comet", "ifeval"}
+REFERENCE_METRICS = {"bleu", "chrf", "rouge", "comet"}  # they compare predictions with reference outputs
+INSTRUCTION = "instruction"
+INSTRUCTION_FILES = ("train_file", "val_file", "test_file")
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # "translation" or "summarization"
+    kind: str  # "translation", "summarization" or "instruction"
     source_lang: str
     target_lang: str
-    prompt: str  # format string with {source}
+    prompt: str  # format string with {source}; instruction: with {instruction} (records without an input)
     metrics: tuple[str, ...]
     target_prefix: str = " "
     stop: tuple[str, ...] = ("\n",)
@@ -36,6 +45,8 @@ class Task:
     # case-insensitive BLEU (`sacrebleu --lowercase`), as the paper's authors scored
     bleu_lowercase: bool = False
     data: dict[str, Any] = field(default_factory=dict, compare=False)
+    # instruction: the plain template of records that have an input, with {instruction} and {input}
+    prompt_with_input: str = ""
 
     @classmethod
     def from_config(cls, cfg: Any) -> Task:
@@ -48,9 +59,16 @@ class Task:
             raise ConfigError(
                 f"task {raw.get('name')}: unknown metric(s) {sorted(unknown)}; choose from {sorted(KNOWN_METRICS)}"
             )
-        if "{source}" not in raw.get("prompt", ""):
+        if raw.get("kind") == INSTRUCTION:
+            _check_instruction(raw, metrics)
+        elif "{source}" not in raw.get("prompt", ""):
             raise ConfigError(
                 f"task {raw.get('name')}: task.prompt must contain '{{source}}' where the input goes"
+            )
+        elif "ifeval" in metrics:
+            raise ConfigError(
+                f"task {raw.get('name')}: the ifeval metric scores instruction tasks only (task.kind=instruction "
+                "with IFEval test rows, e.g. task=alpaca_ifeval)"
             )
         return cls(
             name=raw["name"],
@@ -67,10 +85,20 @@ class Task:
             truncate_source=bool(raw.get("truncate_source", False)),
             bleu_lowercase=_flag(raw, "bleu_lowercase"),
             data=dict(raw.get("data") or {}),
+            prompt_with_input=raw.get("prompt_with_input") or "",
         )
 
+    @property
+    def ifeval_test(self) -> bool:
+        """Whether the test split is IFEval rows (a prompt and instruction ids, no reference output)."""
+        return self.kind == INSTRUCTION and bool(self.data.get("test_prompt_field"))
+
     def check_folders(self) -> None:
-        """The local folders this task would read exist (checked before any model or data is loaded)."""
+        """The local folders (instruction tasks: files) this task would read exist (checked before any model
+        or data is loaded)."""
+        if self.kind == INSTRUCTION:
+            self._instruction_files()
+            return
         if self.data.get("source", "auto") in ("embedded", "hub"):
             return
         for key in ("data_dir", "train_dir", "val_dir", "test_dir"):
@@ -80,32 +108,17 @@ class Task:
     def format_prompt(self, source: str) -> str:
         return self.prompt.format(source=source)
 
+    def render_instruction(self, instruction: str, input: str = "", with_input: bool | None = None) -> str:
+        """The plain (no chat template) prompt of an instruction record: Stanford Alpaca's two templates,
+        the one with an input section when the record has a non-empty input (or `with_input` says so)."""
+        if bool(input) if with_input is None else with_input:
+            return self.prompt_with_input.format(instruction=instruction, input=input)
+        return self.prompt.format(instruction=instruction)
+
     def load_splits(self, seed: int = 0) -> dict[str, list[Example]]:
         """Train, validation and test examples, with the size limits of `task.data` applied."""
         data = self.data
-        kind = data.get("source", "auto")
-        if kind == "auto":
-            has_local = any(data.get(k) for k in ("data_dir", "train_dir", "test_dir"))
-            kind = "local" if has_local else ("hub" if (data.get("hub") or {}).get("path") else None)
-        if kind == "embedded":
-            emb = data.get("embedded") or {}
-            splits = embedded_splits(
-                int(emb.get("n_train", 2000)),
-                int(emb.get("n_val", 100)),
-                int(emb.get("n_test", 100)),
-                int(emb.get("seed", 0)),
-            )
-        elif kind == "local":
-            splits = self._load_local()
-        elif kind == "hub":
-            splits = self._load_hub()
-        else:
-            raise ConfigError(
-                f"task {self.name} has no data source. Point it at local files, e.g. "
-                f"task.data.train_dir=/path/with/train.{self.source_lang}+train.{self.target_lang} "
-                f"task.data.test_dir=/path/with/test.{self.source_lang}+test.{self.target_lang} "
-                "(or task.data.data_dir=... for one folder holding every split), or set task.data.hub.path."
-            )
+        splits = self._load_instruction() if self.kind == INSTRUCTION else self._load_source()
         if not splits.get("validation"):
             splits["train"], splits["validation"] = _hold_out(
                 splits["train"], int(data.get("val_size", 200)), seed
@@ -117,6 +130,81 @@ class Task:
             if not splits[split]:
                 raise DataError(f"task {self.name}: the {split} split is empty")
         logger.info("task %s: %s", self.name, ", ".join(f"{len(splits[s])} {s}" for s in SPLITS))
+        return splits
+
+    def _load_source(self) -> dict[str, list[Example]]:
+        """Translation/summarization splits from `task.data.source`: local files, the hub or the embedded grammar."""
+        data = self.data
+        kind = data.get("source", "auto")
+        if kind == "auto":
+            has_local = any(data.get(k) for k in ("data_dir", "train_dir", "test_dir"))
+            kind = "local" if has_local else ("hub" if (data.get("hub") or {}).get("path") else None)
+        if kind == "embedded":
+            emb = data.get("embedded") or {}
+            return embedded_splits(
+                int(emb.get("n_train", 2000)),
+                int(emb.get("n_val", 100)),
+                int(emb.get("n_test", 100)),
+                int(emb.get("seed", 0)),
+            )
+        if kind == "local":
+            return self._load_local()
+        if kind == "hub":
+            return self._load_hub()
+        raise ConfigError(
+            f"task {self.name} has no data source. Point it at local files, e.g. "
+            f"task.data.train_dir=/path/with/train.{self.source_lang}+train.{self.target_lang} "
+            f"task.data.test_dir=/path/with/test.{self.source_lang}+test.{self.target_lang} "
+            "(or task.data.data_dir=... for one folder holding every split), or set task.data.hub.path."
+        )
+
+    def _instruction_files(self) -> dict[str, Path | None]:
+        """The instruction task's train/validation/test files, checked to exist (validation: optional)."""
+        data = self.data
+        if data.get("source", "local") not in ("local", "auto"):
+            raise ConfigError(
+                f"task {self.name}: instruction tasks read local files only (task.data.source=local), "
+                f"not task.data.source={data.get('source')}"
+            )
+        files: dict[str, Path | None] = {}
+        for split, key in zip(SPLITS, INSTRUCTION_FILES):
+            path = data.get(key)
+            ifeval_rows = split == "test" and self.ifeval_test
+            what = (
+                "IFEval rows (prompt, instruction_id_list, kwargs)"
+                if ifeval_rows
+                else "instruction/input/output records"
+            )
+            if not path:
+                if split == "validation":
+                    files[split] = None
+                    continue
+                raise ConfigError(
+                    f"task {self.name}: no {split} data: set task.data.{key}=/path/to/{split}.jsonl "
+                    f"(a JSONL file of {what})"
+                )
+            files[split] = sources.data_file(path, f"task.data.{key}", what)
+        return files
+
+    def _load_instruction(self) -> dict[str, list[Example]]:
+        data = self.data
+        fields = (
+            data.get("instruction_field") or "instruction",
+            data.get("input_field"),
+            data.get("output_field") or "output",
+        )
+        splits: dict[str, list[Example]] = {}
+        for split, path in self._instruction_files().items():
+            if path is None:
+                splits[split] = []
+            elif split == "test" and self.ifeval_test:
+                splits[split] = sources.read_ifeval_file(path, str(data["test_prompt_field"]))
+            else:
+                splits[split] = sources.read_instruction_file(path, *fields)
+        if self.ifeval_test and "ifeval" in self.metrics:  # unknown ids fail now, not after training
+            from neft_lab.evaluation.ifeval import check_instruction_ids
+
+            check_instruction_ids(splits["test"])
         return splits
 
     def _load_local(self) -> dict[str, list[Example]]:
@@ -166,6 +254,38 @@ class Task:
                 else []
             )
         return splits
+
+
+def _check_instruction(raw: dict[str, Any], metrics: tuple[str, ...]) -> None:
+    """An instruction task's templates hold their placeholders, and its metrics fit its test rows."""
+    name = raw.get("name")
+    for key, needed in (("prompt", ("instruction",)), ("prompt_with_input", ("instruction", "input"))):
+        template = raw.get(key) or ""
+        missing = [f"{{{n}}}" for n in needed if f"{{{n}}}" not in template]
+        if missing:
+            raise ConfigError(f"task {name}: task.{key} must contain {' and '.join(missing)}: {template!r}")
+        try:
+            template.format(instruction="", input="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(
+                f"task {name}: task.{key} is not a valid template ({type(err).__name__}: {err}); "
+                "only {instruction} and {input} are filled in, write literal braces as {{ and }}"
+            ) from None
+    data = raw.get("data") or {}
+    if data.get("test_prompt_field"):
+        needs_reference = sorted(set(metrics) & REFERENCE_METRICS)
+        if needs_reference:
+            raise ConfigError(
+                f"task {name}: task.metrics={list(metrics)}: {', '.join(needs_reference)} compare with reference "
+                f"outputs, which IFEval test rows (task.data.test_prompt_field={data['test_prompt_field']}) do "
+                "not have; use task.metrics=[ifeval], or task.data.test_prompt_field=null for a test file of "
+                "instruction/input/output records"
+            )
+    elif "ifeval" in metrics:
+        raise ConfigError(
+            f"task {name}: the ifeval metric scores IFEval test rows: set task.data.test_prompt_field=prompt "
+            "(the prompt's field in IFEval's input_data.jsonl)"
+        )
 
 
 def _tokens(raw: dict[str, Any], key: str) -> int:

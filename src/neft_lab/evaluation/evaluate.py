@@ -2,7 +2,8 @@
 
 Besides the task's metrics, the split's reference loss (mean next-token loss over the reference
 targets, teacher-forced): a small or random model can learn a task long before its greedy output
-scores any BLEU, and this is where that learning shows (the smoke runs).
+scores any BLEU, and this is where that learning shows (the smoke runs). Test rows without reference
+outputs (IFEval prompts) have no such loss; it is skipped there (training still monitors the validation loss).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from neft_lab.data.encoding import PromptEncoder, TrainCollator
 from neft_lab.data.examples import Example
+from neft_lab.evaluation import ifeval
 from neft_lab.evaluation.generate import generate_predictions
 from neft_lab.evaluation.metrics import score
 from neft_lab.training.loss import per_example_loss
@@ -40,23 +42,34 @@ def evaluate(
     `autocast`: run the model under `torch.autocast` in this dtype, as a `*-mixed` precision trains it
     (bf16 on a CPU with AVX-512 BF16 generates ~2x faster than float32)."""
     started = time.perf_counter()
+    task = encoder.task
+    if "ifeval" in task.metrics:
+        ifeval.check_available()  # before generating for minutes: a missing extra is one line now
+    if loss and examples and not any(e.target for e in examples):
+        logger.info("%s: the test rows have no reference outputs: no test loss", task.name)
+        loss = False
     with _autocast(model, autocast):
         losses = target_losses(model, encoder, examples, batch_size) if loss else None
         predictions = generate_predictions(model, encoder, examples, batch_size=batch_size, desc=desc)
     sources = [e.source for e in examples]
     references = [e.target for e in examples]
     metrics = score(
-        encoder.task.metrics,
+        [m for m in task.metrics if m != "ifeval"],
         sources,
         predictions,
         references,
-        encoder.task.target_lang,
+        task.target_lang,
         comet_model,
-        bleu_lowercase=encoder.task.bleu_lowercase,
+        bleu_lowercase=task.bleu_lowercase,
     )
     rows: list[dict[str, Any]] = [
         {"source": s, "reference": r, "prediction": p} for s, r, p in zip(sources, references, predictions)
     ]
+    if "ifeval" in task.metrics:  # per prompt: key, instruction ids, strict/loose verdicts
+        scored, verdicts = ifeval.score_examples(examples, predictions)
+        metrics.update(scored)
+        for row, verdict in zip(rows, verdicts):
+            row.update(verdict)
     if losses is not None:
         total, tokens = sum(t for t, _ in losses), sum(n for _, n in losses)
         metrics = {"loss": round(total / max(tokens, 1), 4) if examples else float("nan"), **metrics}

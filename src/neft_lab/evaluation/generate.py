@@ -1,4 +1,5 @@
-"""Batched greedy generation with left padding, stopping at EOS or the task's stop strings."""
+"""Batched greedy generation with left padding, stopping at EOS or the task's stop strings (instruction tasks:
+also at the chat template's end-of-turn token)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
         if stop and stop in text:
             text = text.split(stop, 1)[0]
     return text.strip()
+
+
+def stop_token_ids(model: nn.Module, encoder: PromptEncoder) -> list[int]:
+    """The token ids generation ends at when the encoder names some (the model's own EOS ids, then the
+    encoder's: an instruction task's end of turn and EOS); [] leaves the model's generation config alone."""
+    if not encoder.stop_token_ids:
+        return []
+    config = getattr(model, "generation_config", None)
+    own = getattr(config, "eos_token_id", None)
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    return list(dict.fromkeys([*own, *encoder.stop_token_ids]))
 
 
 @torch.no_grad()
@@ -38,6 +50,7 @@ def generate_predictions(
     model.eval()
     outputs: dict[int, str] = {}
     stop_strings = [s for s in task.stop if s]
+    stop_ids = stop_token_ids(model, encoder)
     # counts sentences, not batches
     bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="sent")
     try:
@@ -61,6 +74,7 @@ def generate_predictions(
                 temperature=None,
                 top_p=None,
                 top_k=None,
+                **({"eos_token_id": stop_ids} if stop_ids else {}),
             )
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for i, text in zip(rows, texts):

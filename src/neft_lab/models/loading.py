@@ -96,6 +96,12 @@ def check_model_config(cfg: Any) -> str:
     if source == "hub" and not _get(cfg, "name_or_path"):
         raise ConfigError("model=hub needs model.name_or_path=<hub id or local folder>")
     torch_dtype(_get(cfg, "dtype", "float32"))
+    chat_template = _get(cfg, "chat_template", False)
+    if chat_template not in (True, False, "auto"):
+        raise ConfigError(
+            f"model.chat_template={chat_template!r}: choose true (the tokenizer's chat template renders prompts), "
+            "false (plain prompts) or auto (the template where the tokenizer has one)"
+        )
     return source
 
 
