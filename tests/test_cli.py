@@ -154,7 +154,8 @@ def test_help_says_what_the_tool_is_and_shows_the_main_commands(tmp_path):
         "stage=report",
     ):
         assert f"python -m neft_lab {command}" in text, command
-    assert "task: cnn_dm, embedded, wmt_de_en, wmt_en_zh, wmt_zh_en, xsum" in text  # the config groups
+    tasks = "alpaca_ifeval, cnn_dm, embedded, wmt_de_en, wmt_en_zh, wmt_zh_en, xsum"
+    assert f"task: {tasks}" in text  # the config groups
     for group in ("model:", "strategy:", "selection:", "trainer:", "experiment:"):
         assert f"\n{group} " in text, group
     assert "--cfg" in text

@@ -39,9 +39,10 @@ def test_every_required_group_exists():
 def test_every_task_composes_and_parses(compose_cfg, task):
     cfg = compose_cfg([f"task={task}", "paths.run_dir=/tmp/x"])
     parsed = Task.from_config(cfg.task)
-    assert "{source}" in parsed.prompt
+    assert ("{instruction}" if parsed.kind == "instruction" else "{source}") in parsed.prompt
     assert parsed.metrics
-    expected = {"translation": {"bleu", "chrf"}, "summarization": {"rouge"}}[parsed.kind]
+    metrics = {"translation": {"bleu", "chrf"}, "summarization": {"rouge"}, "instruction": set()}
+    expected = metrics[parsed.kind]
     assert expected <= set(parsed.metrics)
 
 

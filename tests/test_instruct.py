@@ -61,8 +61,13 @@ def _files(tmp_path: Path, train: int = 16) -> list[str]:
     ]
 
 
-def _task(compose_cfg, tmp_path: Path, *overrides: str) -> Task:
-    cfg = compose_cfg(["task=alpaca_ifeval", *_files(tmp_path), f"paths.run_dir={tmp_path}", *overrides])
+def _task(compose_cfg, tmp_path: Path, *overrides: str, scored: bool = False) -> Task:
+    """task=alpaca_ifeval on small files; unless `scored`, without the ifeval metric, so that reading and
+    rendering need no `ifeval` extra (with it, loading checks the instruction ids with lm-eval's registry)."""
+    unscored = [] if scored else ["task.metrics=[]"]
+    cfg = compose_cfg(
+        ["task=alpaca_ifeval", *_files(tmp_path), f"paths.run_dir={tmp_path}", *unscored, *overrides]
+    )
     return Task.from_config(cfg.task)
 
 
@@ -228,7 +233,7 @@ def test_ifeval_rows_without_instruction_ids_say_what_they_need(compose_cfg, tmp
 )
 def test_bad_instruction_configs_are_refused(compose_cfg, tmp_path, overrides, expected):
     with pytest.raises(ConfigError) as err:
-        _task(compose_cfg, tmp_path, *overrides)
+        _task(compose_cfg, tmp_path, *overrides, scored=True)
     assert expected in _one_line(err)
 
 
@@ -244,16 +249,18 @@ def test_ifeval_metric_on_a_translation_task_is_refused(compose_cfg):
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, compose_cfg, tmp_path, tiny_overrides):
     from neft_lab.evaluation import ifeval
 
-    monkeypatch.setitem(ifeval.REQUIRED, "neft_lab_no_such_module", "lm-eval")
+    monkeypatch.setitem(ifeval.REQUIRED, "neft_lab_no_such_module", "no-such-dist")
     cfg = compose_cfg([*tiny_overrides, "task=alpaca_ifeval", *_files(tmp_path)])
     with pytest.raises(ConfigError) as err:
         run(cfg)  # refused by validate(), before any model or data is loaded
-    assert "needs lm-eval: install the extra with pip install -e '.[ifeval]'" in _one_line(err)
+    message = _one_line(err)
+    assert "no-such-dist" in message and message.endswith("install the extra with pip install -e '.[ifeval]'")
 
 
 @pytest.mark.bad_input
 def test_bad_chat_template_setting_is_refused(compose_cfg, tmp_path, tiny_overrides):
-    cfg = compose_cfg([*tiny_overrides, "task=alpaca_ifeval", *_files(tmp_path), "model.chat_template=maybe"])
+    overrides = ["task=alpaca_ifeval", *_files(tmp_path), "task.metrics=[]", "model.chat_template=maybe"]
+    cfg = compose_cfg([*tiny_overrides, *overrides])
     with pytest.raises(ConfigError, match="model.chat_template='maybe': choose true"):
         run(cfg)
 
@@ -329,7 +336,7 @@ def test_unknown_instruction_ids_fail_when_the_data_loads(ifeval, compose_cfg, t
         tmp_path / "typo.jsonl",
         [{"key": 7, "prompt": "x", "instruction_id_list": ["punctuation:no_coma"], "kwargs": [{}]}],
     )
-    task = _task(compose_cfg, tmp_path, f"task.data.test_file={tmp_path / 'typo.jsonl'}")
+    task = _task(compose_cfg, tmp_path, f"task.data.test_file={tmp_path / 'typo.jsonl'}", scored=True)
     with pytest.raises(DataError) as err:
         task.load_splits()
     assert "typo.jsonl line 1: unknown instruction id(s) ['punctuation:no_coma']" in _one_line(err)
@@ -381,8 +388,7 @@ def test_real_alpaca_and_ifeval_files_load(compose_cfg):
     )
     task = Task.from_config(cfg.task)
     task.check_folders()
-    if "ifeval" in task.metrics:
-        pytest.importorskip("lm_eval", reason="the ifeval extra: pip install -e '.[ifeval]'")
+    pytest.importorskip("lm_eval", reason="the ifeval extra: pip install -e '.[ifeval]'")
     splits = task.load_splits()
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [4500, 200, 541]
     assert splits["test"][0].meta["key"] == 1000

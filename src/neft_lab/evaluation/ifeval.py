@@ -53,7 +53,7 @@ PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ort
 def check_available() -> None:
     """Raise a one-line ConfigError naming the extra when a package the IFEval checks need is missing (cheap:
     nothing is imported; run before training, not after it)."""
-    missing = [dist for module, dist in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    missing = list(dict.fromkeys(d for m, d in REQUIRED.items() if importlib.util.find_spec(m) is None))
     if missing:
         raise ConfigError(
             f"task.metrics lists ifeval, which needs {', '.join(missing)}: install the extra with {INSTALL}"
