@@ -19,7 +19,8 @@
 # Rerun the same command after a kill, a reboot or a timeout: finished trials and seeds are skipped, the one in
 # flight resumes from its last checkpoint (every validation), so at most VAL_EVERY steps of one job are lost.
 # Knobs (environment): OUT, DATA, MODEL, TASK, METHODS (of full,neft9,random9,lora,reverse9,neft3), SEEDS,
-# STEPS, VAL_EVERY, PATIENCE, SEARCH_STEPS, TEST, VAL, BATCH, PRECISION, BASELINE (the report's), EXTRA.
+# STEPS, VAL_EVERY, PATIENCE, SEARCH_STEPS, TEST, VAL, BATCH, PRECISION, BASELINE (the report's), EXTRA;
+# TASK=alpaca_ifeval trains on Alpaca and scores IFEval (scripts/table_ifeval_cpu.sh; MAX_NEW new tokens).
 set -euo pipefail
 OUT=${OUT:-outputs/table_small_cpu}
 DATA=${DATA:-../shared/data}
@@ -40,11 +41,13 @@ BASELINE=${BASELINE:-NeFT 9%}
 common=(model="$MODEL" trainer=cpu "task=$TASK" "trainer.precision=$PRECISION" logger=csv
         "loader.batch_size=$BATCH" "task.data.max_test=$TEST" "task.data.val_size=$VAL" "task.data.max_val=$VAL"
         trainer.enable_progress_bar=false experiment_name=table_small_cpu)
-if [ "$TASK" = embedded ]; then
-  common+=("task.data.embedded.n_test=$TEST")
-else
-  common+=("task.data.train_dir=$DATA/wmt18-20_zh_en_train" "task.data.test_dir=$DATA/wmt21_zh_en" task.truncate_source=true)
-fi
+case "$TASK" in
+  embedded) common+=("task.data.embedded.n_test=$TEST") ;;
+  alpaca_ifeval) common+=("task.data.train_file=$DATA/instruct_alpaca/train.jsonl"  # Table 4 in small
+      "task.data.val_file=$DATA/instruct_alpaca/val.jsonl" "task.data.test_file=$DATA/ifeval/input_data.jsonl"
+      "task.max_new_tokens=${MAX_NEW:-256}" task.truncate_source=true) ;;
+  *) common+=("task.data.train_dir=$DATA/wmt18-20_zh_en_train" "task.data.test_dir=$DATA/wmt21_zh_en" task.truncate_source=true) ;;
+esac
 common+=(${EXTRA:-})
 search=("trainer.max_steps=$SEARCH_STEPS" "trainer.val_check_interval=$SEARCH_STEPS" eval.after=false export.enabled=false)
 final=(callbacks=early_stopping "callbacks.early_stopping.patience=$PATIENCE" "trainer.max_steps=$STEPS"

@@ -277,3 +277,26 @@ def test_curves_one_line_per_method_with_the_logged_steps(tmp_path):
     (ax,) = captured["fig"].axes
     lines = {line.get_label(): len(line.get_xdata()) for line in ax.get_lines()}
     assert lines == {"Full (n=2)": 2, "NeFT 9% (n=2)": 3, "Random 9% (n=2)": 3}
+
+
+def test_ifeval_accuracies_resample_prompts():
+    """IFEval rows (per-prompt verdicts): the observed difference is the accuracy difference of
+    neft_lab.evaluation.ifeval.aggregate, and a much better method is significant."""
+    from neft_lab.evaluation.ifeval import aggregate
+
+    rng = random.Random(0)
+
+    def rows(p: float) -> list[dict]:
+        out = []
+        for i in range(150):
+            inst = [rng.random() < p for _ in range(1 + i % 3)]
+            loose = [v or rng.random() < 0.3 for v in inst]
+            out.append({"source": f"prompt {i}", "reference": None, "prediction": "...", "ifeval_strict": all(inst),
+                        "ifeval_loose": all(loose), "ifeval_inst_strict": inst, "ifeval_inst_loose": loose})  # fmt: skip
+        return out
+
+    base, better = rows(0.3), rows(0.8)
+    for name in ("ifeval_prompt_strict", "ifeval_prompt_loose", "ifeval_inst_strict", "ifeval_inst_loose"):
+        result = paired_bootstrap(segment_metric(name), [base], [better], samples=300)
+        assert result.delta == pytest.approx(aggregate(better)[name] - aggregate(base)[name])
+        assert result.p_value < 0.01 and result.ci_low > 0

@@ -43,8 +43,20 @@ METRICS = {  # task kind → (metric key in metrics.json "after", column name); 
         ("rougeL", "ROUGE-L"),
         ("loss", "test loss"),
     ],
+    "instruction": [  # IFEval (docs/instruction.md): prompt- and instruction-level accuracy, strict and loose
+        ("ifeval_prompt_strict", "IFEval prompt strict"),
+        ("ifeval_prompt_loose", "IFEval prompt loose"),
+        ("ifeval_inst_strict", "IFEval inst. strict"),
+        ("ifeval_inst_loose", "IFEval inst. loose"),
+    ],
 }
-MAIN_METRIC_ORDER = ("comet", "bleu", "rougeL", "chrf")  # the pipeline's main metric, in order of preference
+MAIN_METRIC_ORDER = (
+    "comet",
+    "bleu",
+    "rougeL",
+    "ifeval_prompt_strict",
+    "chrf",
+)  # the pipeline's main metric, in order of preference
 FAMILIES = (
     "Full",
     "FT-embed",
@@ -597,7 +609,10 @@ def compare_to_baseline(table: Table, name: str, samples: int = 1000, alpha: flo
     return comparison
 
 
-SIGNIFICANCE_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "loss")
+SIGNIFICANCE_METRICS = (
+    "bleu", "chrf", "rouge1", "rouge2", "rougeL", "loss",
+    "ifeval_prompt_strict", "ifeval_prompt_loose", "ifeval_inst_strict", "ifeval_inst_loose",
+)  # fmt: skip
 
 
 def _seed_pairs(base: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[tuple[dict, dict]]:

@@ -12,7 +12,8 @@ the 2.5–97.5 percentile range of the resampled differences.
 Segment statistics: BLEU and chrF — sacreBLEU's sufficient statistics (n-gram matches, lengths), summed over the
 resampled segments and turned into a corpus score, exactly as sacreBLEU does; ROUGE-1/2/L — each segment's F1
 (rouge-score), averaged; test loss — each segment's summed target-token loss and token count, token-weighted as
-the reported loss is.
+the reported loss is; IFEval — each prompt's strict/loose verdict (prompt level), or its instructions followed
+and given (instruction level).
 """
 
 from __future__ import annotations
@@ -72,6 +73,27 @@ def _loss(rows: Rows) -> np.ndarray:
 LOSS = SegmentMetric("loss", False, _loss, lambda s: float(s[0] / max(s[1], 1.0)))
 
 
+# IFEval (neft_lab.evaluation.ifeval): prompt-level accuracy is the mean of each prompt's verdict, instruction-level
+# the share of all instructions followed, both x100; a resample draws prompts
+IFEVAL_FIELDS = {
+    "ifeval_prompt_strict": "ifeval_strict",
+    "ifeval_prompt_loose": "ifeval_loose",
+    "ifeval_inst_strict": "ifeval_inst_strict",
+    "ifeval_inst_loose": "ifeval_inst_loose",
+}
+
+
+def _ifeval(name: str) -> SegmentMetric:
+    field = IFEVAL_FIELDS[name]
+
+    def stats(rows: Rows) -> np.ndarray:
+        if name.startswith("ifeval_prompt"):
+            return np.asarray([[float(bool(r[field])), 1.0] for r in rows])
+        return np.asarray([[float(sum(map(bool, r[field]))), float(len(r[field]))] for r in rows])
+
+    return SegmentMetric(name, True, stats, lambda s: float(100.0 * s[0] / max(s[1], 1.0)))
+
+
 def segment_metric(name: str, target_lang: str = "en", bleu_lowercase: bool = False) -> SegmentMetric:
     """The segment-level form of a report metric: bleu, chrf, rouge1, rouge2, rougeL or loss."""
     if name == "bleu":
@@ -82,6 +104,8 @@ def segment_metric(name: str, target_lang: str = "en", bleu_lowercase: bool = Fa
         return _rouge(name, target_lang)
     if name == "loss":
         return LOSS
+    if name in IFEVAL_FIELDS:
+        return _ifeval(name)
     raise ValueError(f"no segment-level statistics for metric {name!r}")
 
 
@@ -89,7 +113,12 @@ def has_statistics(name: str, rows: Rows) -> bool:
     """Whether `rows` carry what `name` needs (runs from before per-segment losses were saved have no loss)."""
     if not rows:
         return False
-    needed = ("loss_sum", "loss_tokens") if name == "loss" else ("prediction", "reference")
+    if name == "loss":
+        needed: tuple[str, ...] = ("loss_sum", "loss_tokens")
+    elif name in IFEVAL_FIELDS:
+        needed = (IFEVAL_FIELDS[name],)
+    else:
+        needed = ("prediction", "reference")
     return all(all(k in r for k in needed) for r in rows)
 
 
