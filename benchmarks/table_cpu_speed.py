@@ -35,7 +35,7 @@ def measure(method: str, precision: str, data: Path, steps: int, test: int, val:
     command = [
         sys.executable, "-m", "neft_lab", "model=gemma3_270m", "task=wmt_zh_en", "logger=csv", "resume=false",
         f"task.data.train_dir={data / 'wmt18-20_zh_en_train'}", f"task.data.test_dir={data / 'wmt21_zh_en'}",
-        "task.truncate_source=true", f"task.data.max_test={test}", f"task.data.max_val={val}",
+        "task.truncate_source=true", "task.max_new_tokens_ratio=2", f"task.data.max_test={test}", f"task.data.max_val={val}",
         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", f"trainer.precision={precision}",
         "trainer.enable_progress_bar=false", "export.enabled=false", f"hydra.run.dir={run_dir}", *METHODS[method],
     ]  # fmt: skip

@@ -46,7 +46,8 @@ case "$TASK" in
   alpaca_ifeval) common+=("task.data.train_file=$DATA/instruct_alpaca/train.jsonl"  # Table 4 in small
       "task.data.val_file=$DATA/instruct_alpaca/val.jsonl" "task.data.test_file=$DATA/ifeval/input_data.jsonl"
       "task.max_new_tokens=${MAX_NEW:-256}" task.truncate_source=true) ;;
-  *) common+=("task.data.train_dir=$DATA/wmt18-20_zh_en_train" "task.data.test_dir=$DATA/wmt21_zh_en" task.truncate_source=true) ;;
+  *) common+=("task.data.train_dir=$DATA/wmt18-20_zh_en_train" "task.data.test_dir=$DATA/wmt21_zh_en" task.truncate_source=true
+             task.max_new_tokens_ratio=2) ;;  # a batch stops at 2x its longest source + 16 tokens
 esac
 common+=(${EXTRA:-})
 search=("trainer.max_steps=$SEARCH_STEPS" "trainer.val_check_interval=$SEARCH_STEPS" eval.after=false export.enabled=false)

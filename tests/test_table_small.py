@@ -201,3 +201,43 @@ def test_unknown_eval_precision_is_refused(tmp_path, tiny_overrides):
     done = run_cli([*tiny_overrides, "eval.precision=fp8"], cwd=tmp_path)
     assert done.returncode == 2
     assert "eval.precision=fp8: choose one of auto, 32, bf16, 16" in done.stderr
+
+
+def test_new_tokens_are_capped_by_the_source_length(tmp_path):
+    """task.max_new_tokens_ratio: a batch stops at ratio x its longest source + 16 tokens, never past
+    task.max_new_tokens; unset, the limit alone."""
+    from neft_lab.data.encoding import PromptEncoder
+    from neft_lab.data.examples import Example
+    from neft_lab.data.task import Task
+    from neft_lab.evaluation.generate import SOURCE_SLACK, batch_new_tokens, generate_predictions
+    from neft_lab.models.loading import load_model
+
+    cfg = compose(
+        ["experiment=smoke", f"paths.cache_dir={tmp_path}", "task.max_new_tokens=200", "task.stop=[]"]
+    )
+    model, tokenizer = load_model(cfg.model)
+    examples = [Example("a cat", "un chat"), Example("the black horse likes a bird", "x")]
+    plain = PromptEncoder(tokenizer, Task.from_config(cfg.task))
+    assert batch_new_tokens(plain, examples) == 200
+    capped_cfg = compose([*[f"paths.cache_dir={tmp_path}"], "experiment=smoke", "task.max_new_tokens=200",
+                          "task.stop=[]", "task.max_new_tokens_ratio=1.5"])  # fmt: skip
+    capped = PromptEncoder(tokenizer, Task.from_config(capped_cfg.task))
+    longest = max(len(tokenizer(e.source, add_special_tokens=False).input_ids) for e in examples)
+    cap = int(torch.ceil(torch.tensor(1.5 * longest)).item()) + SOURCE_SLACK
+    assert cap < 200 and batch_new_tokens(capped, examples) == cap
+    assert batch_new_tokens(capped, examples, limit=5) == 5  # the limit still wins
+    # what generation is asked for, batch by batch (sorted by length: the long source's batch, then the short)
+    asked, real = [], model.generate
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        out = real(*args, **kwargs)
+        assert out.shape[1] - kwargs["input_ids"].shape[1] <= kwargs["max_new_tokens"]
+        return out
+
+    model.generate = recording
+    generate_predictions(model, capped, examples, batch_size=1, progress=False)
+    short = len(tokenizer("a cat", add_special_tokens=False).input_ids)
+    assert asked == [cap, int(torch.ceil(torch.tensor(1.5 * short)).item()) + SOURCE_SLACK]
+    with pytest.raises(ConfigError, match="max_new_tokens_ratio=-1"):
+        Task.from_config(compose(["experiment=smoke", "task.max_new_tokens_ratio=-1"]).task)

@@ -41,6 +41,8 @@ class Task:
     max_prompt_tokens: int = 256
     max_target_tokens: int = 128
     max_new_tokens: int = 128
+    # a batch generates at most ratio x its longest source (in tokens) + 16 new tokens (None: max_new_tokens only)
+    max_new_tokens_ratio: float | None = None
     truncate_source: bool = False
     # case-insensitive BLEU (`sacrebleu --lowercase`), as the paper's authors scored
     bleu_lowercase: bool = False
@@ -82,6 +84,7 @@ class Task:
             max_prompt_tokens=_tokens(raw, "max_prompt_tokens"),
             max_target_tokens=_tokens(raw, "max_target_tokens"),
             max_new_tokens=_tokens(raw, "max_new_tokens"),
+            max_new_tokens_ratio=_ratio(raw, "max_new_tokens_ratio"),
             truncate_source=bool(raw.get("truncate_source", False)),
             bleu_lowercase=_flag(raw, "bleu_lowercase"),
             data=dict(raw.get("data") or {}),
@@ -294,6 +297,18 @@ def _tokens(raw: dict[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"task.{key}={value!r}: a token limit must be an integer >= 1, e.g. task.{key}=256")
     return value
+
+
+def _ratio(raw: dict[str, Any], key: str) -> float | None:
+    """An optional positive number (null: off)."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(
+            f"task.{key}={value!r}: a positive number (e.g. task.{key}=2) or null for no such cap"
+        )
+    return float(value)
 
 
 def _flag(raw: dict[str, Any], key: str) -> bool:
