@@ -227,6 +227,8 @@ def test_ft_runs_end_to_end_and_report_lists_them(tiny_overrides, tmp_path):
     assert list(rows) == ["FT-embed", "FT-{in,out}"]
     for label, name in (("FT-embed", "ft_embed"), ("FT-{in,out}", "ft_in_out")):
         share = read_metrics(tmp_path / "runs" / name)["trainable_percent"]
-        assert rows[label][-4] == format(share, ".3g")  # the trainable % column
+        assert rows[label][-5] == format(
+            share, ".3g"
+        )  # the trainable % column (then step s, wall min, peak mem, runs)
     assert "BLEU (sacreBLEU): the runs used different signatures:" in markdown
     assert "case:lc" in markdown and "case:mixed" in markdown

@@ -24,7 +24,13 @@ def test_smoke_run_learns_and_writes_results(tiny_overrides, tmp_path):
     assert {"bleu", "chrf", "n"} <= set(metrics["after"])
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == metrics["after"]["n"] == 32
-    assert set(predictions[0]) == {"source", "reference", "prediction"}
+    assert set(predictions[0]) == {
+        "source",
+        "reference",
+        "prediction",
+        "loss_sum",
+        "loss_tokens",
+    }  # per-segment loss
     assert (run_dir / "export" / "config.json").exists() and (run_dir / "config.yaml").exists()
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
 
