@@ -84,7 +84,7 @@ def main() -> None:
     stats = hidden_means(model, space, sequences, pad_id(tokenizer), args.batch_size, desc="utilization")
     forward_s = time.perf_counter() - started
     started = time.perf_counter()
-    scores, _ = score_vectors(group_weights(model, space), space, stats.means)
+    scores, *_ = score_vectors(group_weights(model, space), space, stats.means)
     scoring_s = time.perf_counter() - started
     assert sum(s.numel() for s in scores.values()) == space.num_vectors
     per_token = per_token_seconds(model, space, args.sample_tokens)

@@ -1,6 +1,6 @@
 """How the neuron scorers compare: the cost of scoring and what the chosen set trains to.
 
-For each scorer (cosine = the paper's, gradient, lora_reference, probe) this runs, each in its own process
+For each scorer (cosine = the paper's, gradient, lora_reference, activation_probe) this runs, each in its own process
 as a user would type it, on one fresh cache:
 
     python -m neft_lab stage=score  selection=<scorer> ...      # wall time and peak RSS measured (reference run included)
@@ -31,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SCORERS = ("cosine", "gradient", "lora_reference", "probe")
+# activation_probe: our MLP-activation ridge probe (formerly `probe`), which needs no labelled file; the paper's
+# probe (selection=probe) needs the user's classification data and is not part of this comparison
+SCORERS = ("cosine", "gradient", "lora_reference", "activation_probe")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"budget={args.budget}",
         f"threads={args.threads}",
         f"selection.gradient.batches={args.gradient_batches}",
-        f"selection.probe.max_examples={args.probe_examples}",
+        f"selection.activation_ridge.max_examples={args.probe_examples}",
     ]
     if args.model == "tiny":
         return [*out, "experiment=smoke", "task.data.embedded.n_test=16"]

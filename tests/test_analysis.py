@@ -40,10 +40,15 @@ def _ids(tokenizer) -> list[list[int]]:
     return [tokenizer(s)["input_ids"] for s in SENTENCES]
 
 
-def _measure(model, tokenizer, batch_size: int = 2) -> UtilizationTable:
+OURS = {"statistic": "token_mean", "layers": "preceding", "aggregation": "max"}  # neft_lab's earlier default
+
+
+def _measure(model, tokenizer, batch_size: int = 2, **settings) -> UtilizationTable:
+    """The token-mean statistic over the inputs of layers 0..l unless `settings` say otherwise."""
     return UtilizationTable.measure(
-        model, _ids(tokenizer), tokenizer.pad_token_id, batch_size=batch_size, progress=False
-    )
+        model, _ids(tokenizer), tokenizer.pad_token_id, batch_size=batch_size, progress=False,
+        **{**OURS, **settings},
+    )  # fmt: skip
 
 
 # ---- utilization on hand-built models ------------------------------------------------------------------
@@ -63,17 +68,19 @@ def test_a_vector_aligned_with_the_hidden_states_has_correlation_one_and_rank_on
     assert others.max() < 0.9  # random vectors of width 64 are far from it
 
 
-def test_swapping_two_neurons_swaps_their_ranks():
+@pytest.mark.parametrize("authors", [False, True])
+def test_swapping_two_neurons_swaps_their_ranks(authors):
     """Neurons i and j of layer 0 trade places (gate and up rows, down columns): the model computes the same
-    function, so the two swap scores and ranks and nothing else moves."""
+    function, so the two swap scores and ranks and nothing else moves (either statistic)."""
     model, tokenizer = _tiny()
-    before = _measure(model, tokenizer)
+    settings = {"statistic": "mean_state", "layers": "following", "aggregation": "max_abs"} if authors else {}
+    before = _measure(model, tokenizer, **settings)
     i, j = 3, 90
     with torch.no_grad():
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             weight = model.get_parameter(f"model.layers.0.mlp.{name}.weight")
             weight.index_copy_(dim, torch.tensor([i, j]), weight.index_select(dim, torch.tensor([j, i])))
-    after = _measure(model, tokenizer)
+    after = _measure(model, tokenizer, **settings)
     for group in ("up.0", "down.0"):
         assert after.rank[group][i] == before.rank[group][j] and after.rank[group][j] == before.rank[group][i]
         assert after.scores[group][i].item() == pytest.approx(before.scores[group][j].item(), abs=1e-12)
@@ -106,12 +113,26 @@ def test_streaming_means_equal_the_per_token_computation():
         torch.testing.assert_close(table.scores[group.name], expected, rtol=0, atol=1e-12)
 
 
-def test_batch_size_and_padding_do_not_change_the_result():
+@pytest.mark.parametrize("statistic", ["token_mean", "mean_state"])
+@pytest.mark.parametrize("layers", ["preceding", "following"])
+def test_batch_size_and_padding_do_not_change_the_result(statistic, layers):
     model, tokenizer = _tiny()
     space = NeuronSpace.from_model(model)
-    one = hidden_means(model, space, _ids(tokenizer), tokenizer.pad_token_id, batch_size=1, progress=False)
-    five = hidden_means(model, space, _ids(tokenizer), tokenizer.pad_token_id, batch_size=5, progress=False)
+    one, five = (
+        hidden_means(
+            model,
+            space,
+            _ids(tokenizer),
+            tokenizer.pad_token_id,
+            batch_size=size,
+            progress=False,
+            statistic=statistic,
+            layers=layers,
+        )  # fmt: skip
+        for size in (1, 5)
+    )
     assert one.tokens == five.tokens == sum(len(ids) for ids in _ids(tokenizer))
+    assert one.sentences == five.sentences == len(SENTENCES)
     torch.testing.assert_close(one.means, five.means, rtol=0, atol=1e-12)
 
 
@@ -122,6 +143,7 @@ def _space() -> NeuronSpace:
 
 
 def _flat_ranks(scores: list[float], space: NeuronSpace) -> torch.Tensor:
+    """Pooled ranks (one ranking over both kinds)."""
     values = torch.tensor(scores, dtype=torch.float64).split([g.count for g in space.groups])
     by_group = ranks(dict(zip([g.name for g in space.groups], values)), space.groups)
     return torch.cat([by_group[g.name] for g in space.groups])
@@ -140,7 +162,7 @@ def test_delta_rank_and_categories_of_a_constructed_pair():
     trained = torch.tensor([1, 0, 0, 0, 0, 1, 0, 0], dtype=torch.bool)
     threshold = compare.threshold_ranks(0.375, 8)  # a share of all vectors: 3 ranks
     assert threshold == 3 == compare.threshold_ranks(3, 8)
-    out = compare.compare(space, rank_a, rank_b, trained, threshold, edges=[0, 25, 50, 100])
+    out = compare.compare(space, rank_a, rank_b, trained, threshold, edges=[0, 25, 50, 100], ranking="pooled")
     assert compare.delta_ranks(rank_a, rank_b).tolist() == [5, 0, 0, 0, 0, 2, 0, -7]
     assert out["counts"] == {"strongly_affected": 2, "suppressed": 1, "promoted": 1, "indirectly_affected": 1}
     assert out["per_category"]["strongly_affected"]["per_kind"] == {"up": 1, "down": 1}
@@ -150,9 +172,11 @@ def test_delta_rank_and_categories_of_a_constructed_pair():
     assert out["mean_delta_rank_trained"] == pytest.approx(3.5) and out["trained_vectors"] == 2
     assert [b["mean_delta_rank"] for b in out["buckets"]] == [2.5, 0.0, -1.25]
     assert [b["vectors"] for b in out["buckets"]] == [2, 2, 4]
-    full = compare.compare(space, rank_a, rank_b, torch.ones(8, dtype=torch.bool), threshold)
+    full = compare.compare(
+        space, rank_a, rank_b, torch.ones(8, dtype=torch.bool), threshold, ranking="pooled"
+    )
     assert full["counts"]["indirectly_affected"] == 0  # everything trained: nothing is indirectly affected
-    unknown = compare.compare(space, rank_a, rank_b, None, threshold)
+    unknown = compare.compare(space, rank_a, rank_b, None, threshold, ranking="pooled")
     assert unknown["counts"]["indirectly_affected"] is None
 
 
@@ -196,6 +220,10 @@ TINY = [
     "logger=none",
     "budget=0.05",
 ]
+FAST = [
+    "analysis.max_sentences=8",
+    "analysis.max_new_tokens=8",
+]  # the analysis: 8 sentences, 8 new tokens each
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +249,7 @@ def analyzed(tiny_runs) -> Path:
     """`python -m neft_lab stage=analyze` over the three runs, W&B offline (the default logger)."""
     runs = ",".join(str(tiny_runs[k]) for k in ("neft", "full", "random"))
     done = run_cli(
-        ["stage=analyze", f"analysis.runs=[{runs}]", "analysis.max_sentences=8", "analysis.batch_size=3",
+        ["stage=analyze", f"analysis.runs=[{runs}]", *FAST, "analysis.batch_size=3",
          f"paths.cache_dir={tiny_runs['cache']}", "trainer.enable_progress_bar=false"],
         cwd=tiny_runs["root"],
     )  # fmt: skip
@@ -237,15 +265,25 @@ def test_stage_analyze_writes_tables_summaries_and_plots(tiny_runs, analyzed):
     n = base.num_vectors
     assert n == 2 * 2 * 128 and sorted(base.flat_ranks().tolist()) == list(range(1, n + 1))
     assert base.meta["sentences"] == 8 and base.meta["tokens"] > 8
-    threshold = round(0.142 * n)
+    # the defaults are the authors': their statistic on each model's own greedy output, ranks per kind
+    assert base.meta["statistic"] == "mean_state" and base.meta["layers"] == "following"
+    assert base.meta["aggregation"] == "max_abs" and base.meta["generated"] is True
+    per_kind = base.flat_ranks("per_kind")
+    for kind in ("up", "down"):
+        ranks_of_kind = torch.cat([base.kind_rank[g.name] for g in base.space.groups if g.kind == kind])
+        assert sorted(ranks_of_kind.tolist()) == list(range(1, n // 2 + 1))
+    threshold = round(0.283884 * (n // 2))  # a share of each kind's 256 vectors
     for label in analysis.runs:
         summary, arrays = analysis.comparison(label), analysis.comparison_arrays(label)
         delta = arrays["delta_rank"]
         assert torch.equal(delta, arrays["rank_run"] - arrays["rank_reference"])
-        assert torch.equal(arrays["rank_reference"], base.flat_ranks())
+        assert torch.equal(arrays["rank_reference"], per_kind)
         strong = delta.abs() >= threshold
         trained = arrays["trained"].bool()
-        assert summary["threshold_ranks"] == threshold
+        assert summary["threshold_ranks"] == threshold and summary["ranking"] == "per_kind"
+        assert summary["bucket_scale"] == "max_score" and len(summary["buckets"]) == 10
+        kinds = summary["mean_abs_delta_rank_per_kind"]
+        assert summary["avg_delta_rank"] == pytest.approx((kinds["up"] + kinds["down"]) / 2)
         assert summary["counts"]["strongly_affected"] == int(strong.sum())
         assert summary["counts"]["suppressed"] == int((strong & (delta > 0)).sum())
         assert summary["counts"]["indirectly_affected"] == int((strong & ~trained).sum())
@@ -259,11 +297,6 @@ def test_stage_analyze_writes_tables_summaries_and_plots(tiny_runs, analyzed):
     assert full["counts"]["strongly_affected"] > 0  # 10 steps at lr 3e-3 move a tiny model's ranking
     neft_set = NeuronSet.load(tiny_runs["neft"] / "neuron_set.safetensors")
     assert analysis.comparison("NeFT 5%")["trained_vectors"] == neft_set.num_vectors
-    # NeFT leaves the embeddings alone: an untrained vector of layer 0 sees the same h_0, keeps its exact score
-    neft = analysis.table("NeFT 5%")
-    for group in ("up.0", "down.0"):
-        untrained = ~neft_set.masks()[group]
-        assert torch.equal(neft.scores[group][untrained], base.scores[group][untrained])
     overlap_data = json.loads((analyzed / "overlap.json").read_text())
     assert overlap_data["labels"] == ["NeFT 5%", "Random 5%"] and overlap_data["iou"][0][0] == 1.0
     figures = {p.name for p in (analyzed / "figures").glob("*.png")}
@@ -276,6 +309,42 @@ def test_stage_analyze_writes_tables_summaries_and_plots(tiny_runs, analyzed):
         "overlap.png",
     } <= figures
     assert all((analyzed / "figures" / f).stat().st_size > 5000 for f in figures)
+
+
+def test_stage_analyze_reproduces_the_authors_formula(tiny_runs, analyzed):
+    """`stage=analyze` with its defaults gives the base model the scores of a plain transcription of the
+    authors' code (generate() one sentence at a time with output_hidden_states, per-sentence token means,
+    scipy's pearsonr per vector and layer, max |r| over the layers k >= l) on the same test sentences."""
+    from neft_lab.analysis.inputs import split_sequences
+    from neft_lab.analysis.runs import load_base_model, read_run, run_config
+    from neft_lab.data.task import Task
+    from test_authors_statistic import _authors_scores  # the transcription of the authors' code
+
+    cfg = compose(["stage=analyze", f"analysis.runs=[{tiny_runs['neft']}]", "paths.run_dir=unused"])
+    run_ = read_run(tiny_runs["neft"])
+    model, tokenizer = load_base_model(cfg, run_)
+    model = model.double().eval()
+    data_cfg = run_config(cfg, run_)
+    prompts = split_sequences(Task.from_config(data_cfg.task), tokenizer, "test", 8, "generated",
+                              data_cfg.model.chat_template, cfg.seed)  # fmt: skip
+    eos = sorted({tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
+        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])})  # fmt: skip
+    per_layer: dict[int, list] = {}
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(
+                input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=8, no_repeat_ngram_size=4,
+                output_hidden_states=True, return_dict_in_generate=True, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+            for i in range(len(out.hidden_states[0])):
+                stacked = torch.cat([step[i] for step in out.hidden_states], dim=1)
+                per_layer.setdefault(i, []).append(stacked[0].mean(dim=0).numpy())
+    mean_h = [sum(v) / len(v) for _, v in sorted(per_layer.items())][1:]
+    expected = _authors_scores(model, mean_h)
+    base = load_analysis(analyzed).table("base")
+    for name, scores in expected.items():  # the stage ran the float32 model in batches of 3: float32 noise
+        torch.testing.assert_close(base.scores[name], torch.tensor(scores), rtol=0, atol=1e-6)
 
 
 def test_stage_analyze_logs_the_plots_to_wandb(analyzed):
@@ -297,17 +366,40 @@ def test_a_second_call_reuses_the_tables_and_another_threshold_changes_the_count
     for file in (analyzed / "utilization").iterdir():
         (out / "utilization" / file.name).write_bytes(file.read_bytes())
     cfg = compose([f"analysis.runs=[{tiny_runs['neft']},{tiny_runs['full']}]", "stage=analyze", "logger=none",
-                   "analysis.max_sentences=8", "analysis.threshold=20", f"analysis.out={out}",
+                   *FAST, "analysis.threshold=20", "analysis.ranking=pooled", f"analysis.out={out}",
                    "trainer.enable_progress_bar=false", "paths.run_dir=unused"])  # fmt: skip
     with caplog.at_level("INFO"):
         run(cfg)
     assert caplog.text.count("reusing") == 3  # base, NeFT, Full: nothing measured again
     again = load_analysis(out).comparison("Full")
-    assert again["threshold_ranks"] == 20
+    assert again["threshold_ranks"] == 20 and again["ranking"] == "pooled"
+    assert torch.equal(load_analysis(out).comparison_arrays("Full")["rank_reference"],
+                       load_analysis(analyzed).table("base").flat_ranks("pooled"))  # fmt: skip
     assert (
         again["counts"]["strongly_affected"]
         > load_analysis(analyzed).comparison("Full")["counts"]["strongly_affected"]
     )
+
+
+def test_another_statistic_is_measured_again_not_reused(tiny_runs, analyzed, caplog):
+    """The cache key covers the statistic's settings: ours (token_mean over the inputs of layers 0..l) on the
+    same models and sentences measures every table again."""
+    out = tiny_runs["root"] / "ours"
+    (out / "utilization").mkdir(parents=True)
+    for file in (analyzed / "utilization").iterdir():
+        (out / "utilization" / file.name).write_bytes(file.read_bytes())
+    with caplog.at_level("INFO"):
+        run(compose([f"analysis.runs=[{tiny_runs['full']}]", "stage=analyze", "logger=none", *FAST,
+                     "analysis.statistic=token_mean", "analysis.layers=preceding", "analysis.aggregation=max",
+                     f"analysis.out={out}", "trainer.enable_progress_bar=false", "paths.run_dir=unused"]))  # fmt: skip
+    assert "reusing" not in caplog.text
+    base = load_analysis(out).table("base")
+    assert (base.meta["statistic"], base.meta["layers"], base.meta["aggregation"]) == (
+        "token_mean",
+        "preceding",
+        "max",
+    )
+    assert not torch.equal(base.flat_scores(), load_analysis(analyzed).table("base").flat_scores())
 
 
 def test_a_run_as_the_reference(tiny_runs, analyzed):
@@ -317,13 +409,13 @@ def test_a_run_as_the_reference(tiny_runs, analyzed):
     before = own.read_text()
     out = tiny_runs["root"] / "twin"
     run(compose([f"analysis.runs=[{tiny_runs['neft']}]", f"analysis.base={tiny_runs['random']}", "stage=analyze",
-                 "logger=none", "analysis.max_sentences=8", f"analysis.out={out}", "paths.run_dir=unused",
+                 "logger=none", *FAST, f"analysis.out={out}", "paths.run_dir=unused",
                  "trainer.enable_progress_bar=false"]))  # fmt: skip
     analysis = load_analysis(out)
     assert analysis.reference == "Random 5% (reference)" and analysis.runs == ["NeFT 5%"]
     twin = analysis.table("Random 5% (reference)")
     arrays = analysis.comparison_arrays("NeFT 5%")
-    assert torch.equal(arrays["rank_reference"], twin.flat_ranks())
+    assert torch.equal(arrays["rank_reference"], twin.flat_ranks("per_kind"))
     assert torch.equal(twin.flat_ranks(), load_analysis(analyzed).table("Random 5%").flat_ranks())
     assert own.read_text() == before
 
@@ -332,7 +424,7 @@ def test_a_lora_run_is_merged_and_counts_as_training_every_vector(tiny_runs):
     lora = tiny_runs["root"] / "runs" / "lora"
     run(compose([*TINY, "strategy=lora", "optim.lr=1e-2", f"paths.run_dir={lora}",
                  f"paths.cache_dir={tiny_runs['cache']}"]))  # fmt: skip
-    run(compose([f"analysis.runs=[{lora}]", "stage=analyze", "logger=none", "analysis.max_sentences=8",
+    run(compose([f"analysis.runs=[{lora}]", "stage=analyze", "logger=none", *FAST,
                  "paths.run_dir=unused", "trainer.enable_progress_bar=false"]))  # fmt: skip
     summary = load_analysis(lora / "analysis").comparison("LoRA r=8")
     assert summary["trained_vectors"] == 512 and summary["counts"]["indirectly_affected"] == 0

@@ -1,4 +1,5 @@
-"""Scorers without a full fine-tune: gradient (empirical Fisher), ridge probe, LoRA reference."""
+"""Scorers without a full fine-tune: gradient (empirical Fisher), activation ridge probe, LoRA reference (the paper's
+probe: tests/test_probe.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from neft_lab.errors import ConfigError
 from neft_lab.models.tiny import build_tiny_model
 from neft_lab.neurons import scorers
 from neft_lab.neurons.geometry import NeuronSpace
-from neft_lab.neurons.scorers import gradient, lora_reference, probe
+from neft_lab.neurons.scorers import activation_ridge, gradient, lora_reference, probe
+from neft_lab.neurons.scorers.activation_ridge import activation_ridge_scores, fit_ridge_probe
 from neft_lab.neurons.scorers.gradient import gradient_scores, vector_sq_norms
 from neft_lab.neurons.scorers.lora_reference import LoraWeights, lora_reference_scores
-from neft_lab.neurons.scorers.probe import fit_ridge_probe, probe_scores
 from neft_lab.neurons.scoring import WeightSource, cosine_scores
 from neft_lab.training.loss import target_token_loss
 
@@ -172,7 +173,7 @@ def test_gradient_scoring_refuses_what_a_user_can_fix():
 
 
 # ---------------------------------------------------------------------------------------------
-# probe
+# activation ridge probe (scorer=activation_ridge, formerly `probe`)
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -237,7 +238,7 @@ def test_probe_recovers_the_planted_informative_neurons():
     texts, labels = planted_probe_task(model, tokenizer, planted)
     space = NeuronSpace.from_model(model, ["up", "gate", "down"])
     model.train()
-    scores = probe_scores(model, tokenizer, texts, labels, space, batch_size=32, progress=False)
+    scores = activation_ridge_scores(model, tokenizer, texts, labels, space, batch_size=32, progress=False)
     assert scores.keys() == {g.name for g in space.groups}
     for layer in planted:
         for kind in ("up", "gate", "down"):  # a neuron's score goes to all its vectors
@@ -254,19 +255,21 @@ def test_probe_recovers_the_planted_informative_neurons():
 def test_probe_refuses_what_a_user_can_fix():
     model, tokenizer = build_tiny_model("llama")
     with pytest.raises(ConfigError, match="needs at least two classes"):
-        probe_scores(model, tokenizer, ["a cat", "a dog"], [1, 1], progress=False)
+        activation_ridge_scores(model, tokenizer, ["a cat", "a dog"], [1, 1], progress=False)
     with pytest.raises(ConfigError, match="2 texts but 3 labels"):
-        probe_scores(model, tokenizer, ["a cat", "a dog"], [1, 0, 1], progress=False)
+        activation_ridge_scores(model, tokenizer, ["a cat", "a dog"], [1, 0, 1], progress=False)
     with pytest.raises(ConfigError, match="got no texts"):
-        probe_scores(model, tokenizer, [], [], progress=False)
+        activation_ridge_scores(model, tokenizer, [], [], progress=False)
     with pytest.raises(ConfigError, match="group q.0 .* is not one of"):
-        probe_scores(model, tokenizer, ["a cat", "a dog"], [1, 0], NeuronSpace.from_model(model, ["q"]))
+        activation_ridge_scores(
+            model, tokenizer, ["a cat", "a dog"], [1, 0], NeuronSpace.from_model(model, ["q"])
+        )
     with pytest.raises(ConfigError, match="ridge penalty must be > 0"):
         fit_ridge_probe(torch.randn(4, 3), [0, 1, 0, 1], alpha=0)
     no_mlp = nn.Sequential(nn.Linear(4, 4))
     no_mlp.config = SimpleNamespace(model_type="llama")
     with pytest.raises(ConfigError, match="found no down weights"):
-        probe_scores(no_mlp, tokenizer, ["a cat", "a dog"], [1, 0], NeuronSpace.from_model(model))
+        activation_ridge_scores(no_mlp, tokenizer, ["a cat", "a dog"], [1, 0], NeuronSpace.from_model(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +356,7 @@ def test_lora_reference_refuses_a_lora_that_trains_no_scored_matrix():
 def test_each_scorer_states_its_direction():
     assert scorers.higher_is_selected("gradient") is gradient.HIGHER_IS_SELECTED is True
     assert scorers.higher_is_selected("probe") is probe.HIGHER_IS_SELECTED is True
+    assert scorers.higher_is_selected("activation_ridge") is activation_ridge.HIGHER_IS_SELECTED is True
     assert scorers.higher_is_selected("lora_reference") is lora_reference.HIGHER_IS_SELECTED is False
     assert scorers.higher_is_selected("cosine") is False
     with pytest.raises(ConfigError, match="unknown scorer 'fisher'"):
@@ -361,7 +365,7 @@ def test_each_scorer_states_its_direction():
 
 def test_importing_the_scorers_does_not_import_the_pipeline():
     code = (
-        "import sys, neft_lab.neurons.scorers.gradient, neft_lab.neurons.scorers.probe, "
+        "import sys, neft_lab.neurons.scorers.gradient, neft_lab.neurons.scorers.probe, neft_lab.neurons.scorers.activation_ridge, "
         "neft_lab.neurons.scorers.lora_reference; "
         "assert 'neft_lab.pipeline' not in sys.modules and 'neft_lab.strategies' not in sys.modules"
     )

@@ -113,16 +113,18 @@ def test_gradient_stage_selects_the_highest_scores_first(tiny_overrides, tmp_pat
     assert chosen.meta["scorer"] == "gradient" and chosen.meta["reference_steps"] is None
 
 
-@pytest.mark.parametrize("scorer", ["lora_reference", "probe"])
-def test_lora_reference_and_probe_stages_end_in_a_neft_run(tiny_overrides, tmp_path, scorer):
+@pytest.mark.parametrize(
+    ("selection", "scorer"), [("lora_reference", "lora_reference"), ("activation_probe", "activation_ridge")]
+)
+def test_lora_reference_and_probe_stages_end_in_a_neft_run(tiny_overrides, tmp_path, selection, scorer):
     run(
         compose(
             [
                 *tiny_overrides,
                 *SHORT,
                 "strategy=neft",
-                f"selection={scorer}",
-                "selection.probe.max_examples=32",
+                f"selection={selection}",
+                "selection.activation_ridge.max_examples=32",
             ]
         )
     )

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from neft_lab.config import conf_dir, register_resolvers
+from neft_lab.neurons.selection import budget_share
 from neft_lab.strategies import build_strategy
 
 # grid sweeps (Hydra's basic sweeper); lr_search.yaml is Optuna's search space (tests/test_launchers.py)
@@ -51,7 +52,7 @@ def test_every_value_of_the_sweep_composes(path):
             if strategy.name in ("neft", "random_neuron", "reverse_selection"):
                 assert resolved["selection"]["name"] != "none"
                 if "budget=" in " ".join(job):
-                    assert resolved["selection"]["budget"]["value"] == float(
+                    assert resolved["selection"]["budget"]["value"] == budget_share(
                         job[[j.split("=")[0] for j in job].index("budget")].split("=")[1]
                     )
             if strategy.name == "lora" and path.stem == "budget_lora":
@@ -60,8 +61,10 @@ def test_every_value_of_the_sweep_composes(path):
 
 def test_budget_grid_is_the_papers():
     jobs = _jobs(REPO / "sweeps" / "budget_neft.yaml")
-    budgets = sorted({float(j.split("=")[1]) for job in jobs for j in job if j.startswith("budget=")})
-    assert budgets == [0.004, 0.015, 0.03, 0.06, 0.09, 0.12]
+    budgets = sorted(
+        {j.split("=")[1] for job in jobs for j in job if j.startswith("budget=")}, key=budget_share
+    )
+    assert budgets == ["paper_0.4", "paper_1.5", "paper_3", "paper_6", "paper_9", "paper_12"]  # Table 7
     assert len(jobs) == 3 * 6 * 2
 
 

@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
@@ -63,7 +65,7 @@ def reference(cfg: DictConfig) -> Path:
         logger.info("reference model: the finished full fine-tune %s", given)
         return given / "export"
     folder = workflow.cache_folder(cfg)
-    export = folder / "reference" / "export"
+    export = workflow.reference_export(cfg)
     if _exported(export):
         logger.info("reference model from cache: %s", export)
         return export
@@ -82,11 +84,13 @@ def _run_reference(cfg: DictConfig, folder: Path) -> None:
     from neft_lab.pipeline import run
 
     derived = workflow.reference_config(cfg)
+    horizon = derived["optim"].get("horizon")
     logger.info(
-        "reference run: %s for %d steps (lr %g) to score neurons → %s",
+        "reference run: %s for %d steps (lr %g, schedule over %s) to score neurons → %s",
         "full fine-tuning" if derived["strategy"]["name"] == "full" else f"LoRA r={derived['strategy']['r']}",
         cfg.selection.reference.steps,
         derived["optim"]["lr"],
+        f"{horizon} steps" if horizon and str(horizon).isdigit() else (horizon or "those steps"),
         folder,
     )
     # One process, whatever the run uses: under trainer=ddp/fsdp whichever rank takes the cache lock
@@ -103,7 +107,62 @@ def _run_reference(cfg: DictConfig, folder: Path) -> None:
     derived["callbacks"] = (
         {"progress_bar": bar} if derived["trainer"].get("enable_progress_bar", True) else {}
     )
+    if workflow.reference_horizon(cfg) is not None:
+        _continue_from_snapshot(cfg, folder, derived)
     run(OmegaConf.create(derived))
+
+
+def _continue_from_snapshot(cfg: DictConfig, folder: Path, derived: dict[str, Any]) -> None:
+    """A reference with its own horizon is one run for every K: this K's run starts from the latest
+    snapshot at or before K (or from scratch) and keeps resumable snapshots at K and at
+    `selection.reference.snapshots` in <folder>/snapshots, so an earlier K is served from them and a later K
+    continues from them (the same schedule, data order and optimizer state as one uninterrupted run)."""
+    k = int(cfg.selection.reference.steps)
+    run_dir = workflow.reference_step_folder(cfg) / "reference"
+    snapshots = folder / "snapshots"
+    derived["paths"]["run_dir"] = str(run_dir)
+    derived["resume"] = "auto"  # continue from the snapshot (or an interrupted attempt at this K)
+    derived["callbacks"]["reference_snapshots"] = {
+        "_target_": "neft_lab.chain.ReferenceSnapshots",
+        "dirpath": str(snapshots),
+        "steps": sorted({k, *workflow.reference_snapshots(cfg)}),
+    }
+    last = run_dir / "checkpoints" / "last.ckpt"
+    earlier = sorted(
+        (step, path)
+        for path in snapshots.glob("step*.ckpt")
+        if (step := _snapshot_step(path)) is not None and step <= k
+    )
+    if earlier and not last.exists():
+        step, path = earlier[-1]
+        last.parent.mkdir(parents=True, exist_ok=True)
+        try:  # checkpoints are written by rename (AtomicCheckpointIO): a hard link never sees a change
+            os.link(path, last)
+        except OSError:
+            shutil.copyfile(path, last)
+        logger.info("reference run: step %d from the snapshot %s, on to K=%d", step, path, k)
+
+
+def _snapshot_step(path: Path) -> int | None:
+    digits = path.stem.removeprefix("step")
+    return int(digits) if digits.isdigit() else None
+
+
+class ReferenceSnapshots(L.Callback):
+    """Saves a resumable checkpoint (`trainer.save_checkpoint`: weights, optimizer, schedule, loop state) at the
+    given optimizer steps as <dirpath>/step<NNNNNN>.ckpt, unless one is there."""
+
+    def __init__(self, dirpath: str, steps: list[int]) -> None:
+        self.dirpath = Path(dirpath)
+        self.steps = {int(s) for s in steps}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        step = trainer.global_step
+        path = self.dirpath / f"step{step:06d}.ckpt"
+        if step in self.steps and not path.exists():
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(path)
+            logger.info("reference snapshot at step %d: %s", step, path)
 
 
 # ---- score ----------------------------------------------------------------------------------------------
@@ -141,8 +200,6 @@ def scores(cfg: DictConfig) -> Path:
             and not cfg.selection.reference.keep
             and workflow.reference_run(cfg) is None
         ):
-            import shutil
-
             shutil.rmtree(reference_model.parent, ignore_errors=True)
     return out
 
@@ -190,12 +247,49 @@ def _compute(cfg: DictConfig, reference_model: Path | None) -> dict[str, torch.T
         return gradient_scores(
             model, batches, space, max_batches=int(grad.batches), per_example=bool(grad.per_example)
         )
-    from neft_lab.neurons.scorers.probe import probe_scores
+    if scorer == "activation_ridge":
+        from neft_lab.neurons.scorers.activation_ridge import activation_ridge_scores
 
-    texts, labels = probe_data(cfg)
-    probe = cfg.selection.probe
-    alpha = None if probe.get("alpha") is None else float(probe.alpha)
-    return probe_scores(model, tokenizer, texts, labels, space, alpha=alpha, batch_size=int(probe.batch_size))
+        texts, labels = probe_data(cfg)
+        probe = cfg.selection.activation_ridge
+        alpha = None if probe.get("alpha") is None else float(probe.alpha)
+        return activation_ridge_scores(
+            model, tokenizer, texts, labels, space, alpha=alpha, batch_size=int(probe.batch_size)
+        )
+    return _paper_probe_scores(cfg, model, tokenizer, space)
+
+
+def _paper_probe_scores(
+    cfg: DictConfig, model: Any, tokenizer: Any, space: NeuronSpace
+) -> dict[str, torch.Tensor]:
+    """scorer=probe: the paper's residual-stream probe on the user's labelled file (`selection.probe.*`)."""
+    from neft_lab.data.classification import read_labelled_texts
+    from neft_lab.neurons.scorers.probe import AUTHORS_ALPHAS, probe_scores
+
+    probe = OmegaConf.to_container(cfg.selection.probe, resolve=True)
+    data = read_labelled_texts(
+        probe["file"],
+        key="selection.probe.file",
+        text_field=probe["text_field"],
+        label_field=probe["label_field"],
+        label_names=probe["label_names"],
+        template=probe["template"],
+        max_examples=probe["max_examples"],
+    )
+    return probe_scores(
+        model,
+        tokenizer,
+        data.texts,
+        data.labels,
+        space,
+        pooling=probe["pooling"],
+        directions=probe["directions"],
+        alphas=AUTHORS_ALPHAS if probe["alphas"] is None else [float(a) for a in probe["alphas"]],
+        test_examples=int(probe["test_examples"]),
+        split_seed=int(probe["split_seed"]),
+        batch_size=int(probe["batch_size"]),
+        max_length=int(probe["max_length"]),
+    )
 
 
 def _train_batches(cfg: DictConfig, tokenizer: Any, batch_size: int) -> Any:
@@ -212,9 +306,10 @@ def _train_batches(cfg: DictConfig, tokenizer: Any, batch_size: int) -> Any:
 
 
 def probe_data(cfg: DictConfig) -> tuple[list[str], list[int]]:
-    """The probe's labelled examples: `selection.probe.file` (JSON lines with "text" and an integer "label"),
-    or, when none is given, language identification on the task's training pairs (sources label 0, targets 1)."""
-    probe = cfg.selection.probe
+    """scorer=activation_ridge's labelled examples: `selection.activation_ridge.file` (JSON lines with "text" and
+    an integer "label"), or, when none is given, language identification on the task's training pairs (sources
+    label 0, targets 1)."""
+    probe = cfg.selection.activation_ridge
     limit = int(probe.max_examples)
     if probe.get("file"):
         path = Path(str(probe.file)).expanduser()

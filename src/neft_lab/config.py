@@ -46,10 +46,26 @@ def basename(path: str) -> str:
 
 
 def budget_share(value: object) -> float:
-    """`${neft_lab.budget_share:${budget}}`: 0.09 stays 0.09, `paper_9` becomes the paper's 150,000-vector share."""
+    """`${neft_lab.budget_share:${budget}}`: 0.09 stays 0.09, a paper point (`paper_9`) the share of its vector
+    count (150,000) on Llama-2-7B (neurons.selection.PAPER_POINTS)."""
     from neft_lab.neurons.selection import budget_share as share
 
     return share(value)
+
+
+# Epochs of the paper presets per method (`${neft_lab.paper_epochs:${strategy.name}}`). The paper trains every
+# method "until convergence" and keeps the checkpoint of lowest validation loss (§5 Training Setup: usually
+# in the first epoch, for summarization sometimes the second; "For training with LoRA, convergence was
+# typically attained within 2 to 3 epochs"; Figures 6/7 put LoRA's convergence at 8,800-9,600 steps, beyond
+# two epochs of 20k pairs at batch 6 = 6,667 steps). Every released command runs `--num_train_epochs 2`
+# (train_neuron/train.sh; the LoRA script's one example is not a paper run). So: 2 for every method, LoRA 3.
+PAPER_EPOCHS = {"lora": 3}
+PAPER_EPOCHS_DEFAULT = 2
+
+
+def paper_epochs(strategy: object) -> int:
+    """`${neft_lab.paper_epochs:${strategy.name}}`: the epochs a paper preset trains `strategy` for."""
+    return PAPER_EPOCHS.get(str(strategy), PAPER_EPOCHS_DEFAULT)
 
 
 def register_resolvers() -> None:
@@ -63,6 +79,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("neft_lab.command_dir", command_dir)
     if not OmegaConf.has_resolver("neft_lab.budget_share"):
         OmegaConf.register_new_resolver("neft_lab.budget_share", budget_share)
+    if not OmegaConf.has_resolver("neft_lab.paper_epochs"):
+        OmegaConf.register_new_resolver("neft_lab.paper_epochs", paper_epochs)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

@@ -211,7 +211,13 @@ def _summary_line(cfg: DictConfig, summary: dict[str, Any]) -> str:
     return (
         f"model={cfg.model.name} task={cfg.task.name} strategy={summary['strategy']} "
         f"trainable={summary['trainable_parameters']:,}/{summary['total_parameters']:,} "
-        f"({summary['trainable_percent']:.3f}%) steps={cfg.trainer.max_steps} lr={cfg.optim.lr} "
+        f"({summary['trainable_percent']:.3f}%) "
+        + (
+            f"steps={cfg.trainer.max_steps} "
+            if cfg.trainer.max_steps != -1
+            else f"epochs={cfg.trainer.get('max_epochs')} "
+        )
+        + f"lr={cfg.optim.lr} "
         f"batch={cfg.loader.batch_size} seed={cfg.seed}"
     )
 

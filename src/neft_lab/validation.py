@@ -104,7 +104,7 @@ def _check_selection_stage(cfg: DictConfig, stage: str) -> None:
     if value_of(cfg, "selection.name") in (None, "none"):
         raise ConfigError(
             f"stage={stage} needs a scored selection: add selection=cosine (the paper), selection=gradient, "
-            "selection=lora_reference or selection=probe"
+            "selection=lora_reference, selection=probe or selection=activation_probe"
         )
     method = selection_method(cfg.selection)
     if method not in SCORED_METHODS:
@@ -196,7 +196,16 @@ def _check_optim(cfg: DictConfig) -> None:
 
 
 def _check_trainer(cfg: DictConfig) -> None:
-    require_int(cfg, "trainer.max_steps", 1, 200)
+    if value_of(cfg, "trainer.max_steps") == -1:  # a run of max_epochs epochs (the paper presets)
+        epochs = value_of(cfg, "trainer.max_epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(
+                f"trainer.max_steps=-1: must be an integer >= 1, or -1 with trainer.max_epochs >= 1 (here "
+                f"trainer.max_epochs={epochs!r}): give trainer.max_steps=200 (optimizer steps) or "
+                "trainer.max_epochs=2 (epochs)"
+            )
+    else:
+        require_int(cfg, "trainer.max_steps", 1, 200)
     interval = value_of(cfg, "trainer.val_check_interval")
     if isinstance(interval, int) and not isinstance(interval, bool):
         require_int(cfg, "trainer.val_check_interval", 1, 50)

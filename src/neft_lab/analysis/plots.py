@@ -37,12 +37,19 @@ def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
-def rank_scatter(arrays: dict[str, torch.Tensor], label: str, reference: str, threshold: int) -> Any:
+def _thresholds(threshold: int | dict[str, int]) -> list[int]:
+    """The distinct thresholds in ranks (one, or one per kind)."""
+    return sorted(set(threshold.values())) if isinstance(threshold, dict) else [int(threshold)]
+
+
+def rank_scatter(
+    arrays: dict[str, torch.Tensor], label: str, reference: str, threshold: int | dict[str, int]
+) -> Any:
     """Rank in the reference against rank in the run, one point per vector; trained vectors on top."""
     fig, (ax,) = _figure(5.5, 5.0)
     ref, run = arrays["rank_reference"].numpy(), arrays["rank_run"].numpy()
     trained = arrays["trained"].bool().numpy() if "trained" in arrays else None
-    n = len(ref)
+    n = int(max(ref.max(), run.max()))  # the size of the ranking: all vectors, or the largest kind
     if trained is None:
         ax.scatter(ref, run, s=0.5, alpha=0.3, color="C0", rasterized=True, label="vectors")
     else:
@@ -51,8 +58,9 @@ def rank_scatter(arrays: dict[str, torch.Tensor], label: str, reference: str, th
         )
         ax.scatter(ref[trained], run[trained], s=0.5, alpha=0.3, color="C3", rasterized=True, label="trained")
     ax.plot([1, n], [1, n], color="black", linewidth=0.8)
-    for sign in (1, -1):
-        ax.plot([1, n], [1 + sign * threshold, n + sign * threshold], "--", color="black", linewidth=0.6)
+    for t in _thresholds(threshold):
+        for sign in (1, -1):
+            ax.plot([1, n], [1 + sign * t, n + sign * t], "--", color="black", linewidth=0.6)
     ax.set_xlim(0, n)
     ax.set_ylim(0, n)
     ax.set_xlabel(f"Rank in {reference} (1 = highest utilization)")
@@ -63,7 +71,9 @@ def rank_scatter(arrays: dict[str, torch.Tensor], label: str, reference: str, th
     return fig
 
 
-def delta_hist(arrays: dict[str, torch.Tensor], label: str, reference: str, threshold: int) -> Any:
+def delta_hist(
+    arrays: dict[str, torch.Tensor], label: str, reference: str, threshold: int | dict[str, int]
+) -> Any:
     """Histogram of ΔRank, trained and untrained vectors apart, with the strongly-affected threshold."""
     fig, (ax,) = _figure(6.0, 4.0)
     delta = arrays["delta_rank"].numpy()
@@ -75,12 +85,14 @@ def delta_hist(arrays: dict[str, torch.Tensor], label: str, reference: str, thre
                 label=["not trained", "trained"])  # fmt: skip
     else:
         ax.hist(delta, bins=bins, color="C0", label="all vectors")
-    for x in (-threshold, threshold):
-        ax.axvline(x, linestyle="--", color="black", linewidth=0.8)
+    for t in _thresholds(threshold):
+        for x in (-t, t):
+            ax.axvline(x, linestyle="--", color="black", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xlabel(f"ΔRank = rank in {label} − rank in {reference} (> 0: used less)")
     ax.set_ylabel("vectors (log)")
-    ax.set_title(f"ΔRank, {label} vs {reference} (dashed: ±{threshold:,})")
+    shown = "/".join(f"{t:,}" for t in _thresholds(threshold))
+    ax.set_title(f"ΔRank, {label} vs {reference} (dashed: ±{shown})")
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -107,7 +119,8 @@ def categories_per_layer(summary: dict[str, Any], label: str) -> Any:
 
 
 def buckets(summary: dict[str, Any], label: str, reference: str) -> Any:
-    """Avg(ΔRank) per percentile bucket of the reference's utilization (the paper's Figure 2)."""
+    """Avg(ΔRank) per bucket of the reference's utilization (the paper's Figure 2): % of the kind's largest
+    score (bucket_scale max_score, the authors') or percentile of the ranking (0 = top)."""
     rows = [r for r in summary["buckets"] if r["vectors"]]
     names = [f"{r['from_percent']:g}–{r['to_percent']:g}" for r in rows]
     fig, axes = _figure(11.0, 3.8, 2)
@@ -117,10 +130,14 @@ def buckets(summary: dict[str, Any], label: str, reference: str) -> Any:
     axes[0].set_ylabel("Avg(ΔRank) (> 0: used less)")
     axes[1].bar(names, [r["mean_abs_delta_rank"] for r in rows], color="C0")
     axes[1].set_ylabel("Avg(|ΔRank|)")
+    scale = summary.get("bucket_scale", "percentile")
     for ax in axes:
-        ax.set_xlabel(f"percentile of the Pearson score in {reference} (0 = top)")
+        if scale == "max_score":
+            ax.set_xlabel(f"score in {reference}, % of its kind's largest (100 = top)")
+        else:
+            ax.set_xlabel(f"percentile of the Pearson score in {reference} (0 = top)")
         ax.tick_params(axis="x", labelrotation=45, labelsize="small")
-    fig.suptitle(f"{label} vs {reference}, by the reference's utilization percentile")
+    fig.suptitle(f"{label} vs {reference}, by the reference's utilization")
     fig.tight_layout()
     return fig
 

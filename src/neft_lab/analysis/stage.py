@@ -7,8 +7,8 @@ sentences of one split, compares each run with it (ΔRank, categories, buckets),
 (the runs' own and `analysis.sets`), and writes tables, summaries and PNGs to the analysis folder
 (`analysis.out`, default `<first run>/analysis`; layout in artifacts.py). A run compared with its own base
 model also gets `<run>/analysis/summary.json`, which `stage=report` reads for its ΔRank columns.
-Utilization tables are reused when the model and the data settings are unchanged, so a second call with
-another threshold or more runs measures only what is new.
+Utilization tables are reused when the model, the data and the statistic's settings are unchanged, so a
+second call with another threshold, ranking, buckets or more runs measures only what is new.
 """
 
 from __future__ import annotations
@@ -35,7 +35,15 @@ from neft_lab.analysis.runs import (
     run_config,
     trained_mask,
 )
-from neft_lab.analysis.utilization import AGGREGATIONS, UtilizationTable
+from neft_lab.analysis.utilization import (
+    AGGREGATIONS,
+    LAYERS,
+    RANKINGS,
+    STATISTICS,
+    Generation,
+    UtilizationTable,
+    check_choice,
+)
 from neft_lab.data.task import Task
 from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_write_json
@@ -53,13 +61,19 @@ class Settings:
     base: Run | None  # None: the runs' base model
     sets: dict[str, Path]  # label → neuron-set file (analysis.sets)
     split: str
-    max_sentences: int
+    max_sentences: int | None  # None: the whole split
     tokens: str
     batch_size: int
     kinds: list[str]
+    statistic: str
+    layers: str
     aggregation: str
+    ranking: str
     threshold: float
     buckets: list[float]
+    bucket_scale: str
+    max_new_tokens: int
+    no_repeat_ngram_size: int
     out: Path
     device: str
     raw: dict[str, Any] = field(default_factory=dict)
@@ -104,9 +118,18 @@ def settings(cfg: DictConfig) -> Settings:
     tokens = value_of(cfg, "analysis.tokens")
     if tokens not in TOKENS:
         raise ConfigError(f"analysis.tokens={tokens!r}: choose one of {TOKENS}")
-    aggregation = value_of(cfg, "analysis.aggregation")
-    if aggregation not in AGGREGATIONS:
-        raise ConfigError(f"analysis.aggregation={aggregation!r}: choose one of {AGGREGATIONS}")
+    aggregation = check_choice(value_of(cfg, "analysis.aggregation"), AGGREGATIONS, "analysis.aggregation")
+    statistic = check_choice(value_of(cfg, "analysis.statistic"), STATISTICS, "analysis.statistic")
+    layers = check_choice(value_of(cfg, "analysis.layers"), LAYERS, "analysis.layers")
+    ranking = check_choice(value_of(cfg, "analysis.ranking"), RANKINGS, "analysis.ranking")
+    bucket_scale = check_choice(
+        value_of(cfg, "analysis.bucket_scale"), compare.BUCKET_SCALES, "analysis.bucket_scale"
+    )
+    max_sentences = (
+        None
+        if value_of(cfg, "analysis.max_sentences") is None
+        else require_int(cfg, "analysis.max_sentences", 1, 200)
+    )
     kinds = [str(k) for k in _list(value_of(cfg, "analysis.kinds"), "analysis.kinds")]
     if not kinds:
         raise ConfigError("analysis.kinds is empty: e.g. analysis.kinds=[up,down]")
@@ -122,13 +145,19 @@ def settings(cfg: DictConfig) -> Settings:
         base=base,
         sets={_set_label(p, i): p for i, p in enumerate(set_files)},
         split=split,
-        max_sentences=require_int(cfg, "analysis.max_sentences", 1, 200),
+        max_sentences=max_sentences,
         tokens=tokens,
         batch_size=require_int(cfg, "analysis.batch_size", 1, 8),
         kinds=kinds,
+        statistic=statistic,
+        layers=layers,
         aggregation=aggregation,
+        ranking=ranking,
         threshold=threshold,
         buckets=compare.check_buckets(value_of(cfg, "analysis.buckets")),
+        bucket_scale=bucket_scale,
+        max_new_tokens=require_int(cfg, "analysis.max_new_tokens", 1, 1024),
+        no_repeat_ngram_size=require_int(cfg, "analysis.no_repeat_ngram_size", 0, 4),
         out=Path(str(out)).expanduser() if out else first / "analysis",
         device=device,
         raw=OmegaConf.to_container(section, resolve=True),
@@ -238,10 +267,16 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
                 task, tokenizer, s.split, s.max_sentences, s.tokens, data_cfg.model.chat_template, cfg.seed
             )
         started = time.perf_counter()
+        generation = (
+            Generation(s.max_new_tokens, s.no_repeat_ngram_size, _eos_ids(model, tokenizer))
+            if s.tokens == "generated"
+            else None
+        )
         table = UtilizationTable.measure(
             model, sequences, pad_id(tokenizer), s.kinds, s.aggregation, s.batch_size,
             desc=f"utilization ({label})", progress=_progress(cfg),
             meta={"label": label, "key": key, "task": task.name, "split": s.split},
+            statistic=s.statistic, layers=s.layers, generation=generation,
         )  # fmt: skip
         table.meta["seconds"] = round(time.perf_counter() - started, 2)
         table.save(file)
@@ -251,7 +286,15 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
         return table
 
     data_key = {"task": task.name, "data": task.data, "split": s.split, "max_sentences": s.max_sentences,
-                "tokens": s.tokens, "kinds": s.kinds, "aggregation": s.aggregation}  # fmt: skip
+                "tokens": s.tokens, "kinds": s.kinds, "aggregation": s.aggregation, "statistic": s.statistic,
+                "layers": s.layers}  # fmt: skip
+    if s.split != "test":  # the validation split is held out of the training data by the seed
+        data_key["seed"] = cfg.seed
+    if s.tokens == "generated":  # each model's own output: how it was generated is part of the data
+        data_key["generation"] = {
+            "max_new_tokens": s.max_new_tokens,
+            "no_repeat_ngram_size": s.no_repeat_ngram_size,
+        }
     if s.base is None:
         reference = measure("base", {**data_key, "model": first.model_identity()},
                             lambda: load_base_model(cfg, first))  # fmt: skip
@@ -260,7 +303,8 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
                             lambda: load_run_model(cfg, s.base))  # fmt: skip
     check_space(reference.space, sets)
     index["models"].append(_model_entry(reference_label, reference, s.base))
-    threshold = compare.threshold_ranks(s.threshold, reference.num_vectors)
+    threshold = compare.kind_thresholds(s.threshold, reference.space, s.ranking)
+    rank_reference = reference.flat_ranks(s.ranking)
     for run in s.runs:
         table = measure(
             run.label, {**data_key, "model": _result_key(run)}, lambda run=run: load_run_model(cfg, run)
@@ -268,9 +312,11 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
         compare.check_same_space(reference.space, table.space, f"run {run.folder}")
         index["models"].append(_model_entry(run.label, table, run))
         mask = trained_mask(run, reference.space)
+        rank_run = table.flat_ranks(s.ranking)
         summary = compare.compare(
-            reference.space, reference.flat_ranks(), table.flat_ranks(), mask, threshold, s.buckets
-        )
+            reference.space, rank_reference, rank_run, mask, threshold, s.buckets, ranking=s.ranking,
+            scores_a=reference.flat_scores(), bucket_scale=s.bucket_scale,
+        )  # fmt: skip
         summary = {
             "label": run.label,
             "run_dir": str(run.folder),
@@ -283,9 +329,9 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
         name = artifacts.slug(run.label)
         atomic_write_json(s.out / "compare" / f"{name}.json", summary)
         arrays = {
-            "delta_rank": compare.delta_ranks(reference.flat_ranks(), table.flat_ranks()),
-            "rank_reference": reference.flat_ranks(),
-            "rank_run": table.flat_ranks(),
+            "delta_rank": compare.delta_ranks(rank_reference, rank_run),
+            "rank_reference": rank_reference,
+            "rank_run": rank_run,
         }
         if mask is not None:
             arrays["trained"] = mask.to(torch.uint8)
@@ -299,6 +345,7 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
                     "label",
                     "run_dir",
                     "mean_abs_delta_rank",
+                    "avg_delta_rank",
                     "spearman",
                     "counts",
                     "trained_vectors",
@@ -312,6 +359,15 @@ def _analyze_runs(cfg: DictConfig, s: Settings, index: dict[str, Any], sets: dic
                 summary["counts"][c] for c in ("strongly_affected", "suppressed", "indirectly_affected")
             ),
         )  # fmt: skip
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Where greedy generation stops: the model's generation config's EOS ids and the tokenizer's EOS."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids})
 
 
 def _result_key(run: Run) -> dict[str, Any]:
@@ -365,6 +421,7 @@ def _log_to_wandb(cfg: DictConfig, s: Settings, index: dict[str, Any], figures: 
         for row in index["comparisons"]:
             prefix = f"analysis/{row['label']}"
             run.summary[f"{prefix}/mean_abs_delta_rank"] = row["mean_abs_delta_rank"]
+            run.summary[f"{prefix}/avg_delta_rank"] = row["avg_delta_rank"]
             run.summary[f"{prefix}/spearman"] = row["spearman"]
             for category, n in row["counts"].items():
                 if n is not None:
@@ -379,13 +436,20 @@ def _print_outcome(s: Settings, index: dict[str, Any], figures: list[Path]) -> N
         counts = row["counts"]
         lines.append(
             f"  {row['label']} vs {index['reference']}: mean |ΔRank| {row['mean_abs_delta_rank']:,.0f}, "
+            f"Avg ΔRank (mean over kinds) {row['avg_delta_rank']:,.0f}, "
             f"strongly affected {counts['strongly_affected']:,}, suppressed {counts['suppressed']:,}, "
             f"indirectly affected {'–' if counts['indirectly_affected'] is None else format(counts['indirectly_affected'], ',')}"
-            f" (threshold {row['threshold_ranks']:,} ranks)"
+            f" (threshold {_ranks_text(row['threshold_ranks'])})"
         )
     if index.get("sets"):
         lines.append(f"  neuron sets: {', '.join(index['sets'])} → overlap.json")
     logger.info("\n".join(lines))
+
+
+def _ranks_text(threshold: int | dict[str, int]) -> str:
+    if isinstance(threshold, dict):
+        return ", ".join(f"{kind} {n:,}" for kind, n in threshold.items()) + " ranks"
+    return f"{threshold:,} ranks"
 
 
 def check_space(space: NeuronSpace, sets: dict[str, NeuronSet]) -> None:

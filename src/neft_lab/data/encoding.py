@@ -6,6 +6,15 @@ exactly the prefix it was trained to continue. Only target tokens (and the closi
 Instruction tasks render a record as the user's turn of the tokenizer's chat template (`model.chat_template`
 true, or auto and the tokenizer has one), their targets closed by the template's end-of-turn token and EOS, or
 with Stanford Alpaca's plain template (`task.prompt` / `task.prompt_with_input`), closed by EOS.
+
+`task.prompt_style` other than `neft_lab` tokenizes as the paper authors' scripts did (docs/fidelity.md):
+- `authors` (train_neuron/train_sft.py, baselines/train_sft.py: `tokenizer([input_s, output_s],
+  add_special_tokens=False)`, no EOS appended): the training pair is prompt ids + target ids, no BOS, no EOS;
+- `authors_inst` (baselines/train_with_lora.py: `tokenizer([input_s, output_s])`, EOS appended): prompt and
+  target each with the tokenizer's special tokens (Llama-2: a BOS before each), then EOS;
+- generation (infer/infer.py, infer/lora_model_infer.py) tokenizes the prompt with the tokenizer's defaults
+  (Llama-2: BOS first), in both.
+The target is tokenized on its own (no `task.target_prefix`), and no chat template applies.
 """
 
 from __future__ import annotations
@@ -81,12 +90,22 @@ class PromptEncoder:
             )
         self.tokenizer = tokenizer
         self.task = task
-        self.chat_template = use_chat_template(chat_template, tokenizer)
+        self.authors = task.prompt_style != "neft_lab"
+        if self.authors and chat_template is True:
+            raise ConfigError(
+                f"task.prompt_style={task.prompt_style} is the authors' plain prompt: set model.chat_template=false "
+                "(or auto), or task.prompt_style=neft_lab to use the chat template"
+            )
+        # the authors' special tokens around the training pair: none (authors) or the tokenizer's (authors_inst)
+        self.pair_special_tokens = task.prompt_style == "authors_inst"
+        self.chat_template = False if self.authors else use_chat_template(chat_template, tokenizer)
         self._overhead: int | None = None
         self.instruction = task.kind == INSTRUCTION
         # instruction tasks under a chat template: a target ends as the template ends an assistant turn, then EOS
         turn_end = end_of_turn_ids(tokenizer) if self.instruction and self.chat_template else []
         self.target_end = list(dict.fromkeys([*turn_end, tokenizer.eos_token_id]))
+        if task.prompt_style == "authors":
+            self.target_end = []
         # what generation stops at beyond the model's own EOS (instruction tasks: the end of a turn and EOS)
         self.stop_token_ids: tuple[int, ...] = tuple(self.target_end) if self.instruction else ()
 
@@ -98,9 +117,10 @@ class PromptEncoder:
             )
         return text
 
-    def _tokenize(self, text: str) -> list[int]:
+    def _tokenize(self, text: str, special: bool | None = None) -> list[int]:
         # a chat template already contains BOS; plain prompts get the tokenizer's special tokens
-        return self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
+        special = not self.chat_template if special is None else special
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def instruction_text(self, instruction: str, input: str = "", with_input: bool | None = None) -> str:
         """An instruction record as prompt text: the user's turn of the chat template (the instruction, then
@@ -114,15 +134,19 @@ class PromptEncoder:
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
 
-    def encode_prompt(self, example: Example) -> list[int]:
+    def encode_prompt(self, example: Example, training: bool = False) -> list[int]:
+        """The prompt's ids for generation, or with `training` as the first part of a training pair (the same
+        but under `task.prompt_style=authors`, whose training pairs carry no BOS)."""
         if self.instruction:
             return self._encode_instruction_prompt(example)
-        ids = self._tokenize(self.prompt_text(example.source))
+        special = self.pair_special_tokens if self.authors and training else None
+        ids = self._tokenize(self.prompt_text(example.source), special)
         limit = self.task.max_prompt_tokens
         if len(ids) <= limit:
             return ids
         self._check_truncation(example, len(ids))
-        return self._tokenize(self.prompt_text(self._truncated_source(example.source, limit)))
+        text = self.prompt_text(self._truncated_source(example.source, limit, special))
+        return self._tokenize(text, special)
 
     def _encode_instruction_prompt(self, example: Example) -> list[int]:
         meta = example.meta or {}
@@ -146,15 +170,24 @@ class PromptEncoder:
                 "example, or set task.truncate_source=true to cut long sources."
             )
 
-    def _truncated_source(self, source: str, limit: int) -> str:
+    def _truncated_source(self, source: str, limit: int, special: bool | None = None) -> str:
+        if special is not None:  # the authors' training prompt: tokenized without special tokens
+            return self._fit(source, limit, self.prompt_text, special=special)
         if self._overhead is None:
             self._overhead = len(self._tokenize(self.prompt_text("")))
         return self._fit(source, limit, self.prompt_text, self._overhead)
 
-    def _fit(self, text: str, limit: int, render: Callable[[str], str], overhead: int | None = None) -> str:
+    def _fit(
+        self,
+        text: str,
+        limit: int,
+        render: Callable[[str], str],
+        overhead: int | None = None,
+        special: bool | None = None,
+    ) -> str:
         """The longest head of `text` whose rendered prompt fits in `limit` tokens."""
         if overhead is None:
-            overhead = len(self._tokenize(render("")))
+            overhead = len(self._tokenize(render(""), special))
         budget = limit - overhead
         if budget <= 0:
             raise DataError(
@@ -163,21 +196,27 @@ class PromptEncoder:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         for keep in range(budget, 0, -max(1, budget // 16)):
             head = self.tokenizer.decode(ids[:keep], skip_special_tokens=True)
-            if len(self._tokenize(render(head))) <= limit:
+            if len(self._tokenize(render(head), special)) <= limit:
                 return head
         raise DataError(f"cannot fit any of the source into task.max_prompt_tokens={limit}")
 
     def encode_target(self, target: str) -> tuple[list[int], bool]:
         """Target ids closed by EOS (instruction tasks under a chat template: by its end-of-turn token, then
-        EOS), and whether they had to be cut to task.max_target_tokens."""
-        ids = self.tokenizer(self.task.target_prefix + target, add_special_tokens=False)["input_ids"]
+        EOS), and whether they had to be cut to task.max_target_tokens. The authors' styles: the target
+        tokenized on its own, no EOS (`authors`) or with the tokenizer's special tokens and EOS (`authors_inst`)."""
+        if self.authors:
+            ids = self.tokenizer(target, add_special_tokens=self.pair_special_tokens)["input_ids"]
+            if self.target_end and ids and ids[-1] == self.tokenizer.eos_token_id:
+                ids = ids[:-1]  # train_with_lora.py appends EOS only when the target does not end with it
+        else:
+            ids = self.tokenizer(self.task.target_prefix + target, add_special_tokens=False)["input_ids"]
         keep = max(self.task.max_target_tokens - len(self.target_end), 0)
         return ids[:keep] + self.target_end, len(ids) > keep
 
     def encode_all(self, examples: list[Example]) -> list[Encoded]:
         encoded, cut = [], 0
         for example in examples:
-            prompt = self.encode_prompt(example)
+            prompt = self.encode_prompt(example, training=True)
             target, was_cut = self.encode_target(example.target)
             encoded.append(Encoded(prompt + target, len(prompt)))
             cut += was_cut

@@ -4,6 +4,11 @@ Kinds: `translation` and `summarization` (a source text → a reference target, 
 `instruction` (Alpaca-style instruction/input/output records; `prompt` / `prompt_with_input` hold
 `{instruction}` and `{input}`, or the tokenizer's chat template renders the turn), whose test split may be
 IFEval rows scored by the `ifeval` metric (no reference outputs).
+
+`prompt_style` picks how a translation/summarization pair becomes tokens: `neft_lab` (the task's template,
+BOS before the prompt, EOS after the target) or the paper authors' (`authors`: `authors_prompt`, by default
+their "Translate the following text from English to Chinese." + " " + source, with no BOS or EOS around the
+training pair; `authors_inst`: the same inside their LoRA script's `[INST]...[/INST]`; docs/fidelity.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,15 @@ KNOWN_METRICS = {"bleu", "chrf", "rouge", "comet", "ifeval"}
 REFERENCE_METRICS = {"bleu", "chrf", "rouge", "comet"}  # they compare predictions with reference outputs
 INSTRUCTION = "instruction"
 INSTRUCTION_FILES = ("train_file", "val_file", "test_file")
+PROMPT_STYLES = ("neft_lab", "authors", "authors_inst")
+NEWLINES = ("cut", "strip")
+# the language names of the authors' instructions (their scripts: "Translate the following text from English to
+# Chinese.", "Given the below English article, generate a summary in Chinese.")
+LANGUAGE_NAMES = {
+    "en": "English", "zh": "Chinese", "de": "German", "fr": "French", "hi": "Hindi", "cs": "Czech",
+    "pt": "Portuguese", "ru": "Russian", "ja": "Japanese", "es": "Spanish", "it": "Italian", "bs": "Bosnian",
+    "mi": "Maori", "ko": "Korean", "ar": "Arabic", "tr": "Turkish", "uk": "Ukrainian", "pl": "Polish",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,14 @@ class Task:
     data: dict[str, Any] = field(default_factory=dict, compare=False)
     # instruction: the plain template of records that have an input, with {instruction} and {input}
     prompt_with_input: str = ""
+    # neft_lab | authors | authors_inst (the module docstring); authors_prompt: their template, with {source}
+    prompt_style: str = "neft_lab"
+    authors_prompt: str = ""
+    # greedy decoding: ban repeated n-grams of this length (the authors: 4; 0: off)
+    no_repeat_ngram_size: int = 0
+    # cut: keep what precedes the first newline (a newline ends generation) | strip: delete every newline of
+    # the output, as the authors' infer.py (.replace('\n', '')); generation then runs to EOS or max_new_tokens
+    newlines: str = "cut"
 
     @classmethod
     def from_config(cls, cfg: Any) -> Task:
@@ -61,6 +83,11 @@ class Task:
             raise ConfigError(
                 f"task {raw.get('name')}: unknown metric(s) {sorted(unknown)}; choose from {sorted(KNOWN_METRICS)}"
             )
+        prompt_style = _choice(raw, "prompt_style", PROMPT_STYLES, "neft_lab")
+        newlines = _choice(raw, "newlines", NEWLINES, "cut")
+        authors_prompt = (
+            _authors_prompt(raw) if prompt_style != "neft_lab" else (raw.get("authors_prompt") or "")
+        )
         if raw.get("kind") == INSTRUCTION:
             _check_instruction(raw, metrics)
         elif "{source}" not in raw.get("prompt", ""):
@@ -89,6 +116,10 @@ class Task:
             bleu_lowercase=_flag(raw, "bleu_lowercase"),
             data=dict(raw.get("data") or {}),
             prompt_with_input=raw.get("prompt_with_input") or "",
+            prompt_style=prompt_style,
+            authors_prompt=authors_prompt,
+            no_repeat_ngram_size=_count(raw, "no_repeat_ngram_size"),
+            newlines=newlines,
         )
 
     @property
@@ -109,7 +140,10 @@ class Task:
                 sources.data_folder(self.data[key], f"task.data.{key}")
 
     def format_prompt(self, source: str) -> str:
-        return self.prompt.format(source=source)
+        if self.prompt_style == "neft_lab":
+            return self.prompt.format(source=source)
+        text = self.authors_prompt.format(source=source)
+        return f"[INST]{text}[/INST]" if self.prompt_style == "authors_inst" else text
 
     def render_instruction(self, instruction: str, input: str = "", with_input: bool | None = None) -> str:
         """The plain (no chat template) prompt of an instruction record: Stanford Alpaca's two templates,
@@ -289,6 +323,49 @@ def _check_instruction(raw: dict[str, Any], metrics: tuple[str, ...]) -> None:
             f"task {name}: the ifeval metric scores IFEval test rows: set task.data.test_prompt_field=prompt "
             "(the prompt's field in IFEval's input_data.jsonl)"
         )
+
+
+def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = raw.get(key)
+    value = default if value is None else value
+    if value not in choices:
+        raise ConfigError(f"task {raw.get('name')}: task.{key}={value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _count(raw: dict[str, Any], key: str) -> int:
+    """A whole number >= 0 (0: off)."""
+    value = raw.get(key) or 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"task.{key}={value!r}: a whole number >= 0 (0: off)")
+    return value
+
+
+def _authors_prompt(raw: dict[str, Any]) -> str:
+    """The authors' prompt template of a translation/summarization task: `task.authors_prompt`, else their
+    instruction for the task's languages + " " + source (translation, infer/infer.py) or + "\nArticle: " +
+    source (summarization, train_neuron/data_process.py)."""
+    name, kind = raw.get("name"), raw.get("kind")
+    if kind == INSTRUCTION:
+        raise ConfigError(
+            f"task {name}: task.prompt_style={raw.get('prompt_style')} is the authors' translation/summarization "
+            "prompt; instruction tasks keep task.prompt_style=neft_lab"
+        )
+    given = raw.get("authors_prompt")
+    if given:
+        if "{source}" not in given:
+            raise ConfigError(f"task {name}: task.authors_prompt must contain '{{source}}': {given!r}")
+        return given
+    source, target = (LANGUAGE_NAMES.get(raw.get(k) or "") for k in ("source_lang", "target_lang"))
+    if source is None or target is None:
+        raise ConfigError(
+            f"task {name}: no language name for {raw.get('source_lang')!r} or {raw.get('target_lang')!r} to write "
+            "the authors' instruction with: set task.authors_prompt (with {source}), e.g. "
+            "task.authors_prompt='Translate the following text from X to Y. {source}'"
+        )
+    if kind == "summarization":
+        return f"Given the below {source} article, generate a summary in {target}.\nArticle: {{source}}"
+    return f"Translate the following text from {source} to {target}. {{source}}"
 
 
 def _tokens(raw: dict[str, Any], key: str) -> int:

@@ -19,8 +19,8 @@ from torch import nn
 from neft_lab.data.encoding import PromptEncoder, TrainCollator
 from neft_lab.data.examples import Example
 from neft_lab.evaluation import ifeval
+from neft_lab.evaluation import metrics as metrics_module
 from neft_lab.evaluation.generate import generate_predictions
-from neft_lab.evaluation.metrics import score
 from neft_lab.training.loss import per_example_loss
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def evaluate(
         predictions = generate_predictions(model, encoder, examples, batch_size=batch_size, desc=desc)
     sources = [e.source for e in examples]
     references = [e.target for e in examples]
-    metrics = score(
+    device = next(model.parameters()).device
+    metrics = metrics_module.score(
         [m for m in task.metrics if m != "ifeval"],
         sources,
         predictions,
@@ -61,6 +62,7 @@ def evaluate(
         task.target_lang,
         comet_model,
         bleu_lowercase=task.bleu_lowercase,
+        comet_gpus=metrics_module.comet_gpus(device) if "comet" in task.metrics else 0,
     )
     rows: list[dict[str, Any]] = [
         {"source": s, "reference": r, "prediction": p} for s, r, p in zip(sources, references, predictions)

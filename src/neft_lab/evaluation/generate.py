@@ -1,5 +1,9 @@
 """Batched greedy generation with left padding, stopping at EOS or the task's stop strings (instruction tasks:
-also at the chat template's end-of-turn token)."""
+also at the chat template's end-of-turn token).
+
+Decoding options of the task: `no_repeat_ngram_size` (the authors': 4) and `newlines` — `cut` keeps what precedes
+the first newline (a newline stops generation), `strip` deletes every newline of the output and lets generation
+run to EOS or `max_new_tokens`, as the authors' infer/infer.py (`.replace('\n', '').strip()`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from tqdm.auto import tqdm
 
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.examples import Example
+from neft_lab.data.task import Task
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
@@ -19,6 +24,21 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
         if stop and stop in text:
             text = text.split(stop, 1)[0]
     return text.strip()
+
+
+def finish_prediction(text: str, task: Task) -> str:
+    """The prediction scored from a decoded continuation: cut at the task's stop strings (`newlines=cut`), or,
+    with `newlines=strip`, every newline deleted and the other stop strings applied."""
+    if task.newlines == "strip":
+        return cut_at_stop(text.replace("\n", ""), _stop_strings(task))
+    return cut_at_stop(text, task.stop)
+
+
+def _stop_strings(task: Task) -> tuple[str, ...]:
+    """The strings that end generation: the task's, less the newline when newlines are stripped."""
+    if task.newlines == "strip":
+        return tuple(s for s in task.stop if s and s != "\n")
+    return tuple(s for s in task.stop if s)
 
 
 def stop_token_ids(model: nn.Module, encoder: PromptEncoder) -> list[int]:
@@ -67,7 +87,8 @@ def generate_predictions(
     was_training = model.training
     model.eval()
     outputs: dict[int, str] = {}
-    stop_strings = [s for s in task.stop if s]
+    stop_strings = list(_stop_strings(task))
+    no_repeat = {"no_repeat_ngram_size": task.no_repeat_ngram_size} if task.no_repeat_ngram_size else {}
     stop_ids = stop_token_ids(model, encoder)
     # counts sentences, not batches
     bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="sent")
@@ -92,11 +113,12 @@ def generate_predictions(
                 temperature=None,
                 top_p=None,
                 top_k=None,
+                **no_repeat,
                 **({"eos_token_id": stop_ids} if stop_ids else {}),
             )
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
             for i, text in zip(rows, texts):
-                outputs[i] = cut_at_stop(text, task.stop)
+                outputs[i] = finish_prediction(text, task)
             bar.update(len(rows))
     finally:
         bar.close()

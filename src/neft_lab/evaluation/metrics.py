@@ -88,10 +88,26 @@ def rouge_segments(
     return out
 
 
+def comet_gpus(device: Any, cuda_available: bool | None = None) -> int:
+    """How many GPUs COMET scores on: 1 when the evaluated model is on a CUDA device (and CUDA is there), else 0
+    (the CPU): COMET follows the device the run trained and generated on."""
+    import torch
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return 1 if cuda_available and torch.device(device).type == "cuda" else 0
+
+
 def comet(
-    sources: list[str], predictions: list[str], references: list[str], model_name: str, batch_size: int = 16
+    sources: list[str],
+    predictions: list[str],
+    references: list[str],
+    model_name: str,
+    batch_size: int = 16,
+    gpus: int = 0,
 ) -> float | None:
-    """COMET system score x100, or None (with a logged reason) when the package or model is missing."""
+    """COMET system score x100, or None (with a logged reason) when the package or model is missing; on `gpus`
+    GPUs (0: the CPU; `comet_gpus` picks the run's device)."""
     try:
         from comet import download_model, load_from_checkpoint
     except ImportError:
@@ -107,7 +123,7 @@ def comet(
         )
         return None
     data = [{"src": s, "mt": p, "ref": r} for s, p, r in zip(sources, predictions, references)]
-    output = model.predict(data, batch_size=batch_size, gpus=0, progress_bar=False)
+    output = model.predict(data, batch_size=batch_size, gpus=gpus, progress_bar=False)
     return 100.0 * float(output.system_score)
 
 
@@ -119,8 +135,10 @@ def score(
     target_lang: str,
     comet_model: str = "Unbabel/wmt22-comet-da",
     bleu_lowercase: bool = False,
+    comet_gpus: int = 0,
 ) -> dict[str, Any]:
-    """Every metric the task names, as a flat dict; BLEU comes with its sacreBLEU signature (`bleu_signature`)."""
+    """Every metric the task names, as a flat dict; BLEU comes with its sacreBLEU signature (`bleu_signature`).
+    COMET runs on `comet_gpus` GPUs (0: the CPU)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     results: dict[str, Any] = {"n": len(predictions)}
@@ -134,7 +152,7 @@ def score(
         elif name == "rouge":
             results.update(rouge(predictions, references, target_lang))
         elif name == "comet":
-            results["comet"] = comet(sources, predictions, references, comet_model)
+            results["comet"] = comet(sources, predictions, references, comet_model, gpus=comet_gpus)
         else:
             raise ValueError(f"unknown metric '{name}'")
     return results

@@ -20,31 +20,55 @@ METHODS = ("cosine", "reverse", "random", "cosine_plus_reverse")
 
 # The paper's budgets are counts of Llama-2-7B's 4096-long vectors: "NeFT 9%" = 150,000 vectors =
 # 614.4M parameters = 9.118% of its 6,738,415,616 parameters (a share of 0.09 gives 148,060 vectors).
-# `budget=paper_9` asks for that share; `paper_<x>` = x/9 × 150,000 vectors (paper_6: 100,000).
+# `budget=paper_<label>` asks for the share of all parameters that its count is on Llama-2-7B (on another
+# model the same share of that model's parameters). The counts are a table, not a proportion of 150,000:
+# Table 7's parameter counts / 4096 (0.4% = 25.6M, 1.5% = 102.4M, 3% = 204.8M, 6% = 409.6M, 9% = 614.4M,
+# 12% = 819.2M) and, for the Figure 3/4 points the table lacks, the authors' code
+# (find_neuron/visualization/main.py: cos-12.5w = "NeFT7%", cos-17.5w = "NeFT10%", Reversed 7.5w = "Reversed4%").
+PAPER_POINTS = {
+    "0.4": 6_250,
+    "1.5": 25_000,
+    "3": 50_000,
+    "4": 75_000,
+    "6": 100_000,
+    "7": 125_000,
+    "9": 150_000,
+    "10": 175_000,
+    "12": 200_000,
+}
 LLAMA2_7B_PARAMETERS = 6_738_415_616
-PAPER_VECTORS_AT_9 = 150_000
 LLAMA2_7B_VECTOR_LENGTH = 4096
 BUDGET_KINDS = ("share", "lora_rank", "vectors")
 POOLINGS = ("global", "per_layer")
 
 
 def budget_share(value: Any) -> float:
-    """A budget as a share of all parameters: a number (0.09) or a paper point (`paper_9`, see above)."""
+    """A budget as a share of all parameters: a number (0.09) or a paper point (`paper_9`, see PAPER_POINTS)."""
     if isinstance(value, str) and value.startswith("paper_"):
-        try:
-            percent = float(value[len("paper_") :])
-        except ValueError:
-            percent = -1.0
-        if percent <= 0:
-            raise ConfigError(f"budget={value}: paper points are paper_<percent>, e.g. paper_9 or paper_12")
-        vectors = percent / 9 * PAPER_VECTORS_AT_9
-        return vectors * LLAMA2_7B_VECTOR_LENGTH / LLAMA2_7B_PARAMETERS
+        return paper_point_vectors(value) * LLAMA2_7B_VECTOR_LENGTH / LLAMA2_7B_PARAMETERS
     try:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(
             f"budget={value!r}: give a share of all parameters (0.09 for 9%) or a paper point (paper_9)"
         ) from None
+
+
+def paper_point_vectors(value: str) -> int:
+    """The vector count of a paper point such as `paper_9` (150,000); an unknown point is refused."""
+    label = value[len("paper_") :]
+    try:
+        number = float(label)
+    except ValueError:
+        number = None
+    for known, vectors in PAPER_POINTS.items():
+        if number is not None and float(known) == number:
+            return vectors
+    listed = ", ".join(f"paper_{k} ({v:,} vectors)" for k, v in PAPER_POINTS.items())
+    raise ConfigError(
+        f"budget={value}: not one of the paper's budget points, which are {listed}; "
+        "give one of them or a share of all parameters (e.g. budget=0.05)"
+    )
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,14 @@ from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet, neuron_set_file
 from neft_lab.neurons.scorers import HIGHER_IS_SELECTED
 from neft_lab.neurons.scoring import WeightSource
-from neft_lab.neurons.selection import Budget, check_pooling, select
+from neft_lab.neurons.selection import Budget, budget_share, check_pooling, select
 
 logger = logging.getLogger(__name__)
 
 SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")  # "cosine": the scorer's most affected first
 ALL_METHODS = (*SCORED_METHODS, "random", "from_file", "union")
-SCORERS = tuple(HIGHER_IS_SELECTED)  # cosine (the paper) | lora_reference | gradient | probe
+# cosine (the paper) | lora_reference | gradient | probe (the paper's §3.1 probe) | activation_ridge
+SCORERS = tuple(HIGHER_IS_SELECTED)
 REFERENCE_SCORERS = ("cosine", "lora_reference")  # scorers that need a reference fine-tune
 DATA_SCORERS = ("gradient",)  # scorers that read the task's training data themselves
 
@@ -47,6 +48,7 @@ NOT_WEIGHTS = (
     "model.cache_dir",
     "optim.clip_scope",  # NeFT's clipping norm; the reference is a full fine-tune, where every gradient is selected
     "task.stop", "task.metrics", "task.max_new_tokens", "task.bleu_lowercase",
+    "task.max_new_tokens_ratio", "task.no_repeat_ngram_size", "task.newlines",  # decoding only
     "task.data.test_dir", "task.data.test_split", "task.data.max_test",
     "loader.eval_batch_size", "loader.num_workers",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
@@ -81,9 +83,39 @@ def reference_strategy(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def reference_horizon(cfg: DictConfig) -> tuple[int, str] | None:
+    """`selection.reference.horizon`: the length of the reference run's learning-rate schedule, (n, "steps")
+    or (n, "epochs"); None (the default) = K, a run whose schedule ends at its last step (ours)."""
+    from neft_lab.training.module import parse_horizon
+
+    ref = cfg.selection.get("reference")
+    value = ref.get("horizon") if ref is not None else None
+    return parse_horizon(value, "selection.reference.horizon")
+
+
+def _horizon_label(horizon: tuple[int, str]) -> str:
+    count, unit = horizon
+    return f"{count}ep" if unit == "epochs" else str(count)
+
+
+def reference_snapshots(cfg: DictConfig) -> list[int]:
+    """`selection.reference.snapshots`: the steps, besides K, at which a reference run with a horizon keeps a
+    resumable checkpoint (the presets: 800, the paper's "Early" reference of the same run)."""
+    values = cfg.selection.reference.get("snapshots") or []
+    steps = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"selection.reference.snapshots={list(values)}: give optimizer steps >= 1, e.g. [800]"
+            )
+        steps.append(int(value))
+    return sorted(set(steps))
+
+
 def reference_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config of the reference run: a full (or, for lora_reference, a LoRA) fine-tune of
-    selection.reference.steps steps."""
+    """The resolved config of the reference run: a full (or, for lora_reference, a LoRA) fine-tune stopped
+    at K = selection.reference.steps steps, whose schedule ends at K or, with selection.reference.horizon,
+    runs on past it (K is then a checkpoint on the way, as the authors' checkpoint-3200)."""
     ref = cfg.selection.reference
     derived = OmegaConf.to_container(cfg, resolve=True)
     derived.update(
@@ -101,10 +133,14 @@ def reference_config(cfg: DictConfig) -> dict[str, Any]:
     derived["loader"]["batch_size"] = int(ref.batch_size)
     derived["trainer"].update(
         max_steps=int(ref.steps),
+        max_epochs=-1,  # K steps, whatever the run's own epochs
         limit_val_batches=0,
         enable_checkpointing=False,
         val_check_interval=int(ref.steps),
     )
+    horizon = reference_horizon(cfg)
+    if horizon is not None:  # only then: the key of a horizon=null reference is what it always was
+        derived["optim"]["horizon"] = _horizon_label(horizon)
     return derived
 
 
@@ -208,11 +244,11 @@ def scores_key(cfg: DictConfig) -> dict[str, Any]:
             per_example=bool(sel.gradient.per_example),
         )
         key["fingerprints"]["data"] = data_fingerprint(cfg)
-    else:  # probe
-        probe = OmegaConf.to_container(sel.probe, resolve=True)
-        key.update(probe=probe)
+    else:  # probe (the paper's) | activation_ridge: the scorer's settings block and the data it reads
+        block = OmegaConf.to_container(sel[scorer], resolve=True)
+        key[scorer] = block
         key["fingerprints"]["data"] = (
-            file_fingerprint(Path(probe["file"])) if probe.get("file") else data_fingerprint(cfg)
+            file_fingerprint(Path(block["file"])) if block.get("file") else data_fingerprint(cfg)
         )
     return key
 
@@ -222,19 +258,40 @@ def _digest(key: dict[str, Any]) -> str:
 
 
 def cache_folder(cfg: DictConfig) -> Path:
-    """The reference run's cache folder (also home of its scores)."""
+    """The reference run's cache folder (also home of its scores). Keyed by K when the schedule ends at K;
+    with selection.reference.horizon by the horizon and not K: one run, its checkpoints at every K
+    (`reference_export`), each K's scores in a subfolder (`scores_folder`)."""
     key = reference_key(cfg)
     kind = "" if scorer_of(cfg) == "cosine" else "lora-"
-    name = (
-        f"{kind}{cfg.model.name}-{cfg.task.name}-K{key['trainer']['max_steps']}-s{key['seed']}-{_digest(key)}"
-    )
+    horizon = reference_horizon(cfg) if reference_run(cfg) is None else None
+    if horizon is None:
+        length = f"K{key['trainer']['max_steps']}"
+    else:
+        key["trainer"].pop("max_steps")
+        key["trainer"].pop("val_check_interval", None)
+        length = f"H{_horizon_label(horizon)}"
+    name = f"{kind}{cfg.model.name}-{cfg.task.name}-{length}-s{key['seed']}-{_digest(key)}"
     return Path(cfg.paths.cache_dir) / "neft" / name.replace("/", "_")
+
+
+def reference_step_folder(cfg: DictConfig) -> Path:
+    """Under a horizon's cache folder, the folder of step K: its reference run (`reference/`) and its scores."""
+    return cache_folder(cfg) / f"K{int(cfg.selection.reference.steps):06d}"
+
+
+def reference_export(cfg: DictConfig) -> Path:
+    """Where the reference run of this config exports its model (not for selection.reference.run)."""
+    if reference_horizon(cfg) is None:
+        return cache_folder(cfg) / "reference" / "export"
+    return reference_step_folder(cfg) / "reference" / "export"
 
 
 def scores_folder(cfg: DictConfig) -> Path:
     """Where this config's scores are cached: beside their reference run, or under `scores/` (other scorers)."""
     scorer = scorer_of(cfg)
     if scorer in REFERENCE_SCORERS:
+        if reference_run(cfg) is None and reference_horizon(cfg) is not None:
+            return reference_step_folder(cfg)
         return cache_folder(cfg)
     name = f"{scorer}-{cfg.model.name}-{cfg.task.name}-{_digest(scores_key(cfg))}"
     return Path(cfg.paths.cache_dir) / "scores" / name.replace("/", "_")
@@ -333,7 +390,7 @@ def build_neuron_set(
         return result
     space = NeuronSpace.from_model(model, sel.modules)
     budget = Budget(sel.budget.kind, float(sel.budget.value)).parameters(space, total_parameters, model)
-    reverse = round(float(sel.reverse_share) * total_parameters) if method == "cosine_plus_reverse" else 0
+    reverse = reverse_parameters(sel, total_parameters) if method == "cosine_plus_reverse" else 0
     scorer, ranked = None, None
     if method == "random":
         scores = {g.name: torch.zeros(g.count) for g in space.groups}
@@ -353,6 +410,9 @@ def build_neuron_set(
         "task": cfg.task.name,
         "budget": {"kind": sel.budget.kind, "value": float(sel.budget.value)},
         "reference_steps": int(sel.reference.steps) if scorer in REFERENCE_SCORERS else None,
+        "reference_horizon": (
+            _horizon_label(h) if scorer in REFERENCE_SCORERS and (h := reference_horizon(cfg)) else None
+        ),
         "scorer": scorer,
         "scores_file": None if scores_path is None else str(scores_path),
         "total_parameters": total_parameters,
@@ -360,6 +420,12 @@ def build_neuron_set(
     neuron_set = select(ranked or scores, space, budget, method, sel.pooling, int(sel.seed), reverse, meta)
     neuron_set.scores = {} if method == "random" else dict(scores)  # as the scorer gave them
     return neuron_set
+
+
+def reverse_parameters(sel: DictConfig, total_parameters: int) -> int:
+    """cosine_plus_reverse: the parameters taken from the highest similarities, `selection.reverse_share` being a
+    share of all parameters (0.03) or a paper point (paper_4: the authors' "Reversed4%", 75,000 vectors)."""
+    return round(budget_share(sel.reverse_share) * total_parameters)
 
 
 def selection_method(sel: DictConfig) -> str:
@@ -407,7 +473,11 @@ def check_selection(cfg: DictConfig) -> None:
     value = number(value_of(cfg, "selection.budget.value"), key, "a number", lambda v: True)
     Budget(str(kind), value).check(key)
     if method == "cosine_plus_reverse":
-        require_number(cfg, "selection.reverse_share", ">= 0 and <= 1", lambda v: 0 <= v <= 1)
+        reverse = value_of(cfg, "selection.reverse_share")
+        if isinstance(reverse, str) and reverse.startswith("paper_"):
+            budget_share(reverse)  # a known paper point, else refused with the list of them
+        else:
+            require_number(cfg, "selection.reverse_share", ">= 0 and <= 1", lambda v: 0 <= v <= 1)
     if method not in SCORED_METHODS:
         return
     scorer = scorer_of(cfg)
@@ -419,7 +489,14 @@ def check_selection(cfg: DictConfig) -> None:
     if reference_run(cfg) is not None:  # a finished full fine-tune given as the reference
         finished_reference_run(cfg, reference_run(cfg))
     elif scorer in REFERENCE_SCORERS:  # the reference fine-tune
-        require_int(cfg, "selection.reference.steps", 1)
+        steps = require_int(cfg, "selection.reference.steps", 1)
+        horizon = reference_horizon(cfg)
+        if horizon is not None and horizon[1] == "steps" and horizon[0] < steps:
+            raise ConfigError(
+                f"selection.reference.horizon={horizon[0]} is shorter than selection.reference.steps={steps}: "
+                "the reference is the checkpoint at step K of a schedule of `horizon` steps (K <= horizon)"
+            )
+        reference_snapshots(cfg)
         require_number(cfg, "selection.reference.lr", "> 0", lambda v: v > 0)
         require_int(cfg, "selection.reference.batch_size", 1)
     if scorer == "lora_reference":
@@ -429,10 +506,14 @@ def check_selection(cfg: DictConfig) -> None:
         require_int(cfg, "selection.gradient.batches", 1)
         require_int(cfg, "selection.gradient.batch_size", 1)
     elif scorer == "probe":
-        probe_file = value_of(cfg, "selection.probe.file")
+        from neft_lab.neurons.scorers.probe import check_settings
+
+        check_settings(lambda name: value_of(cfg, f"selection.probe.{name}"))
+    elif scorer == "activation_ridge":
+        probe_file = value_of(cfg, "selection.activation_ridge.file")
         if probe_file and not Path(str(probe_file)).expanduser().is_file():
             raise ConfigError(
-                f'selection.probe.file={probe_file}: no such file (a JSON-lines file of {{"text": ..., "label": ...}}, '
-                "or null to probe source-vs-target language on the task's training data)"
+                f"selection.activation_ridge.file={probe_file}: no such file (a JSON-lines file of "
+                '{"text": ..., "label": ...}, or null to probe source-vs-target language on the task\'s training data)'
             )
-        require_int(cfg, "selection.probe.max_examples", 2)
+        require_int(cfg, "selection.activation_ridge.max_examples", 2)

@@ -10,6 +10,7 @@ logs what DDP synchronises; under `trainer=fsdp`
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -41,12 +42,14 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 0,
         master_dtype: str | None = "float32",
         clip_scope: str = "selected",
+        horizon: int | str | None = None,
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.strategy = strategy
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.scheduler_name, self.warmup_steps = scheduler, warmup_steps
+        self.horizon = parse_horizon(horizon)  # the schedule's length, when not the run's (NeFT references)
         keep_trainable_in(self.model, precision.master_dtype(master_dtype))  # float32 masters (precision.py)
         self._dense_norm = _paper_clip_norm(self.model, strategy, clip_scope)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
@@ -121,7 +124,7 @@ class CausalLMModule(L.LightningModule):
         if not groups:
             raise ValueError(f"strategy '{self.strategy.name}' left no trainable parameters")
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        total = schedule_steps(self.trainer, self.horizon) if self._trainer is not None else 1
         scheduler = lr_schedule(optimizer, self.scheduler_name, self.warmup_steps, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -164,6 +167,41 @@ def _paper_clip_norm(model: nn.Module, strategy: TrainingStrategy, scope: str) -
         raise ConfigError(f"unknown optim.clip_scope '{scope}': choose one of {CLIP_SCOPES}")
     modules = strategy.paper_clip_modules(model) if scope == "paper" else None
     return None if modules is None else DenseGradNorm(model, modules)
+
+
+def parse_horizon(value: int | str | None, key: str = "optim.horizon") -> tuple[int, str] | None:
+    """A schedule horizon: None (the run's own length), `<n>` optimizer steps or `<n>ep` epochs → (n, unit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+        return None
+    text = str(value).strip().lower()
+    for suffix in ("epochs", "epoch", "ep"):
+        if text.endswith(suffix):
+            number, unit = text[: -len(suffix)].strip(), "epochs"
+            break
+    else:
+        number, unit = text, "steps"
+    if isinstance(value, bool) or not number.isdigit() or int(number) < 1:
+        raise ConfigError(
+            f"{key}={value!r}: give a number of optimizer steps (e.g. 6400), a number of epochs (e.g. 2ep) "
+            "or null (the run's own length)"
+        )
+    return int(number), unit
+
+
+def schedule_steps(trainer: L.Trainer, horizon: tuple[int, str] | None) -> int:
+    """The learning-rate schedule's length in optimizer steps: the whole run (Lightning's
+    `estimated_stepping_batches`: max_steps, else max_epochs × steps per epoch, as Hugging Face's Trainer
+    with num_train_epochs), or `horizon` when given, so a run stopped at max_steps can be a checkpoint
+    on the way through a longer schedule."""
+    if horizon is None:
+        return max(int(trainer.estimated_stepping_batches), 1)
+    count, unit = horizon
+    if unit == "steps":
+        return count
+    if trainer.train_dataloader is None:  # what estimated_stepping_batches does before it counts batches
+        trainer.fit_loop.setup_data()
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    return max(per_epoch * count, 1)
 
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}

@@ -7,7 +7,10 @@ a 1-D float tensor with one score per vector of that group. They differ in direc
 - ``cosine`` (`neurons.scoring`): cosine(base, full fine-tune); LOW = moved = selected first.
 - ``lora_reference``: cosine(base, base + LoRA); LOW = moved = selected first.
 - ``gradient``: empirical Fisher (mean squared loss gradient) per vector; HIGH = selected first.
-- ``probe``: |ridge-probe weight| of the neuron's activation; HIGH = selected first.
+- ``probe`` (the paper's §3.1 probe): max |cosine| of the vector with the ridge-probe directions fitted on
+  each layer's mean-pooled residual hidden states of a labelled task; HIGH = selected first.
+- ``activation_ridge`` (this project's, formerly ``probe``): |ridge-probe weight| of the neuron's mean-pooled
+  MLP activation; HIGH = selected first.
 
 The submodules import nothing from `neft_lab.pipeline`, so they can be imported anywhere.
 """
@@ -21,6 +24,7 @@ HIGHER_IS_SELECTED: dict[str, bool] = {
     "lora_reference": False,
     "gradient": True,
     "probe": True,
+    "activation_ridge": True,
 }
 
 
