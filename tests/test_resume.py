@@ -111,3 +111,22 @@ def test_killed_ddp_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     whole = load_file(str(tmp_path / "whole" / "export" / "model.safetensors"))
     again = load_file(str(tmp_path / "int" / "export" / "model.safetensors"))
     assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_settings_of_other_stages_do_not_block_a_resume():
+    """A run started before `analysis.*` or `report.*` defaults changed (a neft_lab upgrade, or another
+    stage's override on the command line) resumes: fit reads neither. A training setting still blocks it."""
+    from neft_lab.run_folder import config_differences
+
+    saved = {
+        "optim": {"lr": 1e-5},
+        "analysis": {"aggregation": "max", "threshold": 0.142},
+        "report": {"alpha": 0.05},
+    }
+    new = {
+        "optim": {"lr": 1e-5},
+        "analysis": {"aggregation": "max_abs", "threshold": 0.28},
+        "report": {"alpha": 0.01},
+    }
+    assert config_differences(saved, new) == []
+    assert config_differences(saved, {**new, "optim": {"lr": 3e-5}}) == ["optim.lr: 1e-05 → 3e-05"]

@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
-# Keys that may differ between the commands of one run: how it is shown, logged and where it runs from.
+# Keys that may differ between the commands of one run: how it is shown, logged and where it runs from, and the
+# settings of other stages (stage=analyze, stage=report), which fit never reads.
 MAY_DIFFER = (
-    "resume", "threads", "paths", "logger", "callbacks", "experiment_name", "sweep_objective",
+    "resume", "threads", "paths", "logger", "callbacks", "experiment_name", "sweep_objective", "analysis", "report",
     "trainer.enable_progress_bar", "eval.show", "eval.log_predictions",
 )  # fmt: skip
 # What an earlier run left that a new one would pick up (resume, restore-best, reports).
