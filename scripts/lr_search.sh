@@ -25,6 +25,13 @@ TRAINER=${TRAINER:-gpu}
 BATCH=${BATCH:-16}
 BUDGET=${BUDGET:-0.09}
 
+# A GPU trainer where no CUDA GPU is visible fails every trial alike: say so once, before the first one.
+if [[ "$TRAINER" == gpu ]] \
+    && ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "lr_search.sh: TRAINER=$TRAINER but no CUDA GPU is visible on this machine: run it where one is, or on CPU with TRAINER=cpu (e.g. the tiny dry run at the top of scripts/lr_search.sh)" >&2
+  exit 2
+fi
+
 common=(model="$MODEL" trainer="$TRAINER" "task=$TASK" "trainer.max_steps=$STEPS"
         "trainer.val_check_interval=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))" "loader.batch_size=$BATCH")
 if [ "$TASK" != embedded ]; then

@@ -154,7 +154,9 @@ def test_help_says_what_the_tool_is_and_shows_the_main_commands(tmp_path):
         "stage=report",
     ):
         assert f"python -m neft_lab {command}" in text, command
-    tasks = "alpaca_ifeval, cnn_dm, embedded, wmt_de_en, wmt_en_zh, wmt_zh_en, xsum"
+    tasks = (
+        "alpaca_ifeval, cnn_dm, embedded, summarization, translation, wmt_de_en, wmt_en_zh, wmt_zh_en, xsum"
+    )
     assert f"task: {tasks}" in text  # the config groups
     for group in ("model:", "strategy:", "selection:", "trainer:", "experiment:"):
         assert f"\n{group} " in text, group

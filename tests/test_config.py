@@ -37,7 +37,8 @@ def test_every_required_group_exists():
 
 @pytest.mark.parametrize("task", _options("task"))
 def test_every_task_composes_and_parses(compose_cfg, task):
-    cfg = compose_cfg([f"task={task}", "paths.run_dir=/tmp/x"])
+    required = {"translation": ["task.source_lang=en", "task.target_lang=fr"]}  # your own pair: no default
+    cfg = compose_cfg([f"task={task}", "paths.run_dir=/tmp/x", *required.get(task, [])])
     parsed = Task.from_config(cfg.task)
     assert ("{instruction}" if parsed.kind == "instruction" else "{source}") in parsed.prompt
     assert parsed.metrics

@@ -150,3 +150,59 @@ def test_loss_mask_covers_target_and_eos_only():
         assert target[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(target[:-1]).strip() == ["The cat.", "The dog is good."][row]
         assert int(batch["attention_mask"][row].sum()) == len(enc.input_ids)
+
+
+def test_own_translation_and_summarization_tasks_name_themselves_and_read_a_named_dev_split(tmp_path):
+    """Issue 19 A9: one's own language pair needed task=wmt_de_en with its languages overridden (the run kept the
+    name wmt_de_en, the prompt said German) and a validation file named valid.*. task=translation names itself
+    after its languages, writes its prompt in them, and reads a validation split of any name."""
+    from neft_lab.config import compose
+
+    data = tmp_path / "en-fr"
+    for split, n in (("train", 12), ("dev", 3), ("test", 4)):
+        _write(data, f"{split}.en", [f"hello {i}" for i in range(n)])
+        _write(data, f"{split}.fr", [f"bonjour {i}" for i in range(n)])
+    cfg = compose(
+        [
+            "task=translation",
+            "task.source_lang=en",
+            "task.target_lang=fr",
+            f"task.data.data_dir={data}",
+            "task.data.val_split=dev",
+        ]
+    )
+    task = Task.from_config(cfg.task)
+    assert task.name == "translation_en_fr" and cfg.experiment_name.startswith("translation_en_fr")
+    assert (
+        task.format_prompt("hi")
+        == "Translate the following text from English to French.\nEnglish: hi\nFrench:"
+    )
+    splits = task.load_splits()
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [12, 3, 4]  # dev.*, not held out
+    assert splits["validation"][0].source == "hello 0" and splits["validation"][0].target == "bonjour 0"
+
+    # a code without a known name is used as it is; no languages given: one line saying which to set
+    other = compose(
+        ["task=translation", "task.source_lang=xx", "task.target_lang=en", f"task.data.data_dir={data}"]
+    )
+    assert (
+        Task.from_config(other.task)
+        .format_prompt("a")
+        .startswith("Translate the following text from xx to English.")
+    )
+    with pytest.raises(ConfigError, match="task.source_lang"):
+        from neft_lab.validation import validate
+
+        validate(compose(["task=translation", f"task.data.data_dir={data}"]))
+
+    docs = tmp_path / "mynews"
+    for split, n in (("train", 5), ("test", 2)):
+        (docs).mkdir(exist_ok=True)
+        (docs / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"document": f"doc {i}", "summary": f"sum {i}"}) + "\n" for i in range(n))
+        )
+    summ = Task.from_config(
+        compose(["task=summarization", f"task.data.data_dir={docs}", "task.data.val_size=1"]).task
+    )
+    assert summ.name == "summarization_mynews" and summ.kind == "summarization"
+    assert "{source}" in summ.prompt and len(summ.load_splits()["train"]) == 4

@@ -344,3 +344,88 @@ def test_report_errors(tmp_path):
         run(compose(["stage=report", f"report.dir={tmp_path / 'empty'}"]))
     with pytest.raises(ConfigError, match="needs report.dir"):
         run(compose(["stage=report"]))
+
+
+def _neft_selection(scorer: str, method: str = "cosine", steps: int = 4, **extra) -> dict:
+    """A saved config's selection block, as strategy=neft selection=<scorer> writes it."""
+    return {
+        "name": scorer,
+        "scorer": scorer,
+        "method": method,
+        "pooling": "global",
+        "modules": ["up", "down"],
+        "budget": {"kind": "share", "value": 0.09},
+        "reverse_share": 0.0,
+        "reference": {"steps": steps, "horizon": None},
+        **extra,
+    }
+
+
+def test_report_keeps_scorers_and_reference_settings_apart(tmp_path, caplog):
+    """Issue 19 A1: four scorers (metrics.json of older runs said "selection": "cosine" for all) were one row
+    'NeFT 9% (n=4)' with a warning about repeated seeds; each scorer, pooling, module set and reference K is
+    its own method."""
+    settings = {"optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "loader": {"batch_size": 8}}
+    variants = {
+        "cos": _neft_selection("cosine"),
+        "cos-k8": _neft_selection("cosine", steps=8),
+        "grad": _neft_selection("gradient"),
+        "lora": _neft_selection("lora_reference"),
+        "probe": _neft_selection("probe"),
+        "layer": _neft_selection("cosine", pooling="per_layer"),
+        "gate": _neft_selection("cosine", modules=["gate", "up", "down"]),
+    }
+    for i, (name, selection) in enumerate(variants.items()):
+        _fake_run(
+            tmp_path / name,
+            {
+                "model": "m",
+                "task": "t",
+                "seed": 0,
+                "strategy": "neft",
+                "selection": "cosine",  # what the pipeline wrote for every scorer before
+                "trainable_percent": 9.0,
+                "after": {"bleu": 10.0 + i, "n": 8},
+            },
+            task={"kind": "translation"},
+            strategy={"name": "neft"},
+            selection=selection,
+            **settings,
+        )
+    caplog.set_level("WARNING")
+    run(compose(["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'out'}"]))
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "out" / "table.csv").open())}
+    assert all(r["runs"] == "1" for r in rows.values()), rows.keys()
+    assert len(rows) == len(variants)
+    labels = set(rows)
+    assert {"NeFT 9% (K=4)", "NeFT 9% (K=8)"} <= labels  # K shown where the paper's scorer runs differ in it
+    assert any("gradient" in label for label in labels)
+    assert any("lora_reference" in label for label in labels)
+    assert any("probe" in label for label in labels)
+    assert any("per_layer" in label for label in labels)
+    assert any("gate" in label for label in labels)
+    assert "repeated seeds" not in caplog.text
+
+    # two runs of one method with one seed: the warning says how they were counted, as the cell does
+    caplog.clear()
+    again = tmp_path / "again"
+    _fake_run(
+        again / "a",
+        {"model": "m", "task": "t", "seed": 0, "strategy": "neft", "after": {"bleu": 1.0, "n": 8}},
+        task={"kind": "translation"},
+        strategy={"name": "neft"},
+        selection=_neft_selection("gradient"),
+        **settings,
+    )
+    _fake_run(
+        again / "b",
+        {"model": "m", "task": "t", "seed": 0, "strategy": "neft", "after": {"bleu": 3.0, "n": 8}},
+        task={"kind": "translation"},
+        strategy={"name": "neft"},
+        selection=_neft_selection("gradient"),
+        **settings,
+    )
+    run(compose(["stage=report", f"report.dir={again}", f"report.out={again / 'out'}"]))
+    assert "2.00 ± 1.41 (n=2)" in (again / "out" / "table.md").read_text()
+    warning = next(r.getMessage() for r in caplog.records if "seed" in r.getMessage())
+    assert "n=2" in warning and "counts once" not in warning

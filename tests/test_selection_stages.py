@@ -4,7 +4,9 @@ nothing under neurons/ or strategies/ starts a run."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from neft_lab.config import compose
 from neft_lab.errors import ConfigError
 from neft_lab.neurons import scores_file
@@ -175,3 +177,90 @@ def test_no_code_under_neurons_or_strategies_starts_a_run_and_the_import_cycle_i
                 used = {module} | {f"{module}.{n.strip()}" for n in names.split(",") if n.strip()}
                 assert not used & {"neft_lab.pipeline", "neft_lab.chain"}, (path, module, names)
             assert ".fit(" not in text and "pipeline.run" not in text, path
+
+
+def test_metrics_record_the_scorer_and_the_settings_that_define_the_method(tiny_overrides, tmp_path, caplog):
+    """Issue 19 A1: a selection=gradient run's metrics.json said "selection": "cosine" (the method, not the scorer)."""
+    caplog.set_level("INFO")
+    run(
+        compose(
+            [
+                *tiny_overrides,
+                *SHORT,
+                "strategy=neft",
+                "selection=gradient",
+                "selection.gradient.batches=2",
+                "selection.pooling=per_layer",
+            ]
+        )
+    )
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["selection"] == "gradient"
+    assert metrics["selection_settings"] == {
+        "scorer": "gradient",
+        "method": "cosine",
+        "budget_kind": "share",
+        "budget_value": 0.09,
+        "pooling": "per_layer",
+        "modules": ["up", "down"],
+        "reference_steps": None,  # no reference run for this scorer
+        "reference_horizon": None,
+        "reverse_share": None,
+    }
+    assert "neuron set (gradient" in caplog.text and "neuron set (cosine)" not in caplog.text
+
+
+def test_scores_that_cannot_separate_vectors_are_warned_about_naming_the_setting(
+    tiny_overrides, tmp_path, caplog
+):
+    """Issue 19 A5: debug=fast's 4-step reference gave cosine min/median/max all 1.0000 and the selection among
+    them was noise, silently. A reference that barely moved is warned about, naming selection.reference.steps."""
+    caplog.set_level("WARNING")
+    base = [*tiny_overrides, "selection=cosine"]
+    _stage(base, "select", f"selection.out={tmp_path / 'a'}", "selection.reference.lr=1e-9")
+    warned = [r.getMessage() for r in caplog.records if "cannot separate" in r.getMessage()]
+    assert len(warned) == 1 and "selection.reference.steps" in warned[0], caplog.text
+    caplog.clear()
+    _stage(base, "select", f"selection.out={tmp_path / 'b'}")  # lr 3e-3: the reference moves every vector
+    assert "cannot separate" not in caplog.text
+
+
+def test_select_writes_under_outputs_and_prints_a_next_command_that_runs_as_printed(tmp_path):
+    """Issue 19 A8: stage=select printed `strategy=neft selection=from_file selection.file=...` without the user's
+    overrides (copied verbatim it loaded Gemma and failed on a shape mismatch), and a relative selection.out
+    (the README's `sets/neft6`) wrote into the working directory."""
+    settings = [
+        "experiment=smoke",
+        "trainer.max_steps=2",
+        "eval.before=false",
+        "eval.after=false",
+        "trainer.enable_progress_bar=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    select = [
+        *settings,
+        "stage=select",
+        "selection=gradient",
+        "selection.gradient.batches=2",
+        "selection.out=sets/g9",
+    ]
+    done = run_cli(select, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "sets").exists()  # nothing in the working directory
+    written = tmp_path / "outputs" / "sets" / "g9.safetensors"  # relative to paths.output_dir
+    assert written.is_file()
+    printed = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "python -m neft_lab strategy=neft" in line
+    ]
+    assert len(printed) == 1, done.stdout + done.stderr
+    command = shlex.split(printed[0][printed[0].index("python -m neft_lab") :])
+    assert command[:3] == ["python", "-m", "neft_lab"]
+    args = command[3:]
+    assert f"selection.file={written}" in args and "selection=from_file" in args
+    assert set(settings) <= set(args) and not any(
+        a.startswith(("stage=", "selection.out", "selection.gradient")) for a in args
+    )
+    run(compose([*args, f"paths.run_dir={tmp_path / 'run'}"]))  # as printed, in-process (faster)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["selection"] == "from_file"

@@ -111,6 +111,40 @@ BAD = [
     ),
     (["task=wmt_zh_en", "task.data.data_dir=/no/data"], "point task.data.data_dir at"),
     (["task=xsum", "task.data.data_dir=/tmp", "task.data.val_dir=/no/val"], "point task.data.val_dir at"),
+    # issue 19 B11/B12: accepted though wrong, or a traceback once the model or the Trainer was built
+    (["task.data.max_train=-5"], "task.data.max_train=-5: must be an integer >= 1 or null"),
+    (["task.data.max_test=abc"], "task.data.max_test='abc': must be an integer >= 1 or null"),
+    (["task.data.max_val=0"], "task.data.max_val=0"),
+    (["task.prompt='Translate {source} {src}'"], "task.prompt has an unknown field {src}: use {source}"),
+    (["task.prompt='{source} {'"], "task.prompt is not a valid template"),
+    (["trainer.precision=foo"], "trainer.precision='foo': unknown precision, choose one of"),
+    (["trainer.devices=0"], "trainer.devices=0: give a number of devices >= 1"),
+    (["trainer.devices=abc"], "trainer.devices='abc'"),
+    (["trainer.limit_val_batches=-1"], "trainer.limit_val_batches=-1"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs='abc'"),
+    (["trainer.accelerator=tpu2"], "trainer.accelerator='tpu2': choose one of"),
+    (["trainer.num_nodes=0"], "trainer.num_nodes=0"),
+    (["strategy=neft", "selection.seed=abc"], "selection.seed='abc': must be an integer >= 0"),
+    (["model=tiny", "model.tiny.hidden_size=65"], "model.tiny.hidden_size=65 is not a multiple of"),
+    (["model=tiny", "model.tiny.num_heads=0"], "model.tiny.num_heads=0: must be an integer >= 1"),
+    (["model=tiny", "model.tiny.num_layers=abc"], "model.tiny.num_layers='abc'"),
+    (["model=tiny", "model.tiny.arch=bert"], "model.tiny.arch='bert'"),
+    # an unwritable cache: the reference run used to fail in it with a traceback
+    (
+        ["strategy=neft", "paths.cache_dir=/proc/neft_lab_cache"],
+        "paths.cache_dir=/proc/neft_lab_cache is not writable",
+    ),
+    # A3: a budget above what the model can hold, from the model's shapes, before the reference run
+    (["experiment=smoke", "strategy=neft", "budget=0.9"], "more than the 32,768 of all selectable vectors"),
+    (
+        [
+            "experiment=smoke",
+            "strategy=neft",
+            "selection.budget.kind=vectors",
+            "selection.budget.value=999999",
+        ],
+        "more than the",
+    ),
 ]
 
 
@@ -154,8 +188,40 @@ VALID = [
 
 
 @pytest.mark.parametrize("overrides", VALID, ids=[" ".join(o) or "defaults" for o in VALID])
-def test_legitimate_configs_pass(tmp_path, overrides):
+def test_legitimate_configs_pass(tmp_path, monkeypatch, overrides):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # trainer=gpu is legitimate where CUDA is
     validate(_cfg(tmp_path, *overrides))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "overrides", [["trainer=gpu"], ["trainer.accelerator=gpu"], ["trainer.accelerator=cuda"]]
+)
+def test_gpu_trainer_without_cuda_is_refused_up_front(tmp_path, monkeypatch, overrides):
+    """Issue 19 A3/B12: used to load the model, score zero-shot, then die in Hydra's InstantiationException."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"no CUDA GPU is visible .*trainer=cpu") as err:
+        validate(_cfg(tmp_path, *overrides))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.bad_input
+def test_empty_hub_folder_is_refused_up_front(tmp_path):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"empty_model has no config.json: .*model.name_or_path"):
+        validate(_cfg(tmp_path, "model=hub", f"model.name_or_path={empty}"))
+
+
+@pytest.mark.bad_input
+def test_budget_above_the_model_is_refused_before_the_reference(tiny_overrides, tmp_path):
+    """Issue 19 A3: `experiment=smoke strategy=neft budget=0.9` ran 300 reference steps before saying so."""
+    cfg = compose([*tiny_overrides, "strategy=neft", "budget=0.9"])
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="more than the"):
+        run(cfg)
+    assert time.perf_counter() - started < 2.0
+    assert not (tmp_path / "cache" / "neft").exists()
 
 
 @pytest.mark.bad_input
@@ -348,3 +414,70 @@ def test_all_blank_file_is_refused_like_an_empty_one(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(DataError, match="is empty"):
         read_local_split(tmp_path, "train", "zh", "en", "zh", "en")
+
+
+@pytest.mark.bad_input
+def test_lr_search_script_without_a_gpu_is_refused_in_one_line(tmp_path):
+    """Issue 19 A3: scripts/lr_search.sh defaulted to trainer=gpu and printed the same Lightning traceback 48
+    times on a machine without CUDA; now it stops before the first trial."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path / "out"), "METHODS": "full"}
+    env.pop("TRAINER", None)
+    done = subprocess.run(
+        ["bash", str(root / "scripts" / "lr_search.sh")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "TRAINER=cpu" in lines[0], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.bad_input
+def test_a_cache_that_is_a_file_is_refused_up_front(tmp_path):
+    cache = tmp_path / "cache_file"
+    cache.write_text("")
+    with pytest.raises(
+        ConfigError, match=r"paths.cache_dir=.*cache_file is not writable .*a writable folder"
+    ):
+        validate(_cfg(tmp_path, "strategy=neft", f"paths.cache_dir={cache}"))
+
+
+@pytest.mark.bad_input
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    done = run_cli(["model=tiny", "logger=none", "hydra.run.dir=afile"], cwd=tmp_path, timeout=120)
+    _assert_one_line_error(done, "hydra.run.dir=afile", "is a file, not a folder")
+
+
+@pytest.mark.fault
+def test_a_full_disk_ends_in_one_line_that_says_how_to_resume(tmp_path):
+    """Issue 19 B11: a run that fails on a full or read-only disk said so in a traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import errno, sys\n"
+        "import neft_lab.pipeline as p\n"
+        "def full(cfg):\n"
+        "    try:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', 'run/checkpoints/last.ckpt')\n"
+        "    except OSError as err:\n"
+        "        raise RuntimeError('saving failed') from err\n"
+        "p.run = full\n"
+        "sys.argv = ['neft_lab', 'model=tiny', 'logger=none', 'hydra.run.dir=out']\n"
+        "from neft_lab.__main__ import cli\n"
+        "cli()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    _assert_one_line_error(done, "disk full or not writable", "rerun the same command to resume")

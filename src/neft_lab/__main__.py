@@ -19,11 +19,21 @@ def main(cfg: DictConfig) -> float | None:
     """One run. In a multirun a failed job is recorded and hands the sweeper its worst value so that the other
     jobs go on (neft_lab.sweep_summary), and a DDP rank > 0 of a multi-task job returns (submitit needs every
     task's result)."""
+    from neft_lab.signals import exit_if_orphaned, watch_launcher
+    from neft_lab.sweep_summary import in_multirun
+
+    watch_launcher()  # a job a parallel/local launcher started: it stops when the launcher dies
+    try:
+        return _run_job(cfg, in_multirun())
+    finally:
+        exit_if_orphaned()  # its launcher died: the worker ends with this job
+
+
+def _run_job(cfg: DictConfig, multirun: bool) -> float | None:
     from neft_lab.errors import ConfigError
     from neft_lab.pipeline import log_to_run_log, run
-    from neft_lab.sweep_summary import in_multirun, job_failed
+    from neft_lab.sweep_summary import job_failed
 
-    multirun = in_multirun()
     try:
         return run(cfg)
     except ConfigError as err:  # a mistake the user can fix: say what and how, no traceback
@@ -33,6 +43,11 @@ def main(cfg: DictConfig) -> float | None:
             return job_failed(err)
         raise SystemExit(2) from None
     except Exception as err:
+        storage = storage_error(err)
+        if storage is not None and not multirun:  # ENOSPC/EROFS/EDQUOT: what happened and how to go on
+            log_to_run_log(logging.ERROR, f"neft_lab error: {storage}")
+            print(f"neft_lab error: {storage}", file=sys.stderr)
+            raise SystemExit(2) from None
         if not multirun:
             raise
         logger.error("job failed: %s", err, exc_info=True)
@@ -41,6 +56,48 @@ def main(cfg: DictConfig) -> float | None:
         if multirun and err.code in (0, None):
             return None
         raise  # a preempted job (143) or a requeue by submitit: the sweep stops, a rerun resumes it
+
+
+STORAGE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EFBIG"}
+
+
+def storage_error(err: BaseException) -> str | None:
+    """The one-line message for a write that failed because the disk is full or read-only (an OSError anywhere in
+    the exception's chain, or torch's "file write failed"), else None. Checkpoints are written atomically, so
+    the run resumes from its last one once there is room."""
+    import errno
+
+    codes = {getattr(errno, name) for name in STORAGE_ERRNOS if hasattr(errno, name)}
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in codes:
+            where = f" ({cause.filename})" if cause.filename else ""
+            return (
+                f"disk full or not writable{where}: {cause.strerror}; free it (or point paths.run_dir / "
+                "paths.cache_dir elsewhere) and rerun the same command to resume"
+            )
+        if isinstance(cause, RuntimeError) and "file write failed" in str(cause):
+            return "disk full or not writable (a file write failed); free it and rerun the same command to resume"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def run_dir_error(argv: list[str]) -> str | None:
+    """`hydra.run.dir=<a file>` (or hydra.sweep.dir): one line before Hydra fails to create it with a traceback."""
+    from pathlib import Path
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            path = Path(value.strip("'\"")).expanduser()
+            for folder in (path, *path.parents):
+                if folder.exists():
+                    if not folder.is_dir():
+                        return f"{key}={value}: {folder} is a file, not a folder: give {key} a folder path"
+                    break
+    return None
 
 
 def _config_groups(root) -> set[str]:
@@ -135,13 +192,23 @@ def unknown_key_error(argv: list[str]) -> str | None:
 def cli() -> None:
     """`python -m neft_lab`: refuse an unknown key, or a launcher/sweeper whose plugin is not installed, in one
     line before Hydra starts the job."""
+    from neft_lab import signals
     from neft_lab.launchers import missing_plugin_error
 
-    error = missing_plugin_error(sys.argv[1:]) or unknown_key_error(sys.argv[1:])
-    if error:
-        print(f"neft_lab error: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    main()
+    signals.install(sys.argv[1:])  # SIGTERM/SIGINT in any stage: exit 143/130 with the resume hint
+    try:
+        error = (
+            missing_plugin_error(sys.argv[1:])
+            or run_dir_error(sys.argv[1:])
+            or unknown_key_error(sys.argv[1:])
+        )
+        if error:
+            print(f"neft_lab error: {error}", file=sys.stderr)
+            raise SystemExit(2)
+        main()
+    except signals.Stopped as err:  # also between two jobs of a sweep, outside any run
+        signals.report(err)
+        raise SystemExit(err.code) from None
 
 
 if __name__ == "__main__":

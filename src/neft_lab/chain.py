@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -44,15 +45,45 @@ def run_stage(cfg: DictConfig) -> Path:
         logger.info("reference model: %s", out)
     elif cfg.stage == "score":
         out = scores(cfg)
-        logger.info("scores: %s (next: python -m neft_lab stage=select selection.scores=%s ...)", out, out)
+        logger.info(
+            "scores: %s\nnext, select a neuron set from them: %s",
+            out,
+            next_command(
+                ["stage=select", f"selection.scores={Path(out).absolute()}"], ("stage", "selection.scores")
+            ),
+        )
     else:
         out = select_to_file(cfg)
         logger.info(
-            "neuron set: %s (train on it: python -m neft_lab strategy=neft selection=from_file selection.file=%s)",
+            "neuron set: %s\ntrain on it: %s",
             out,
-            out,
+            next_command(
+                ["strategy=neft", "selection=from_file", f"selection.file={Path(out).absolute()}"],
+                ("stage", "strategy", "selection"),
+            ),
         )
     return out
+
+
+def next_command(args: list[str], replaced: tuple[str, ...]) -> str:
+    """The command of the next stage, to copy as printed: `args` plus every override the user gave this one
+    (model, task, trainer, paths, ...) except those `args` replace (`replaced`: keys, each with its subkeys)."""
+    kept = [o for o in _command_line_overrides() if not _override_of(o, replaced)]
+    return " ".join(["python -m neft_lab", *(shlex.quote(a) for a in [*args, *kept])])
+
+
+def _command_line_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (tests, notebooks): no command line to repeat
+        return []
+
+
+def _override_of(override: str, keys: tuple[str, ...]) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~").removesuffix("@_global_")
+    return any(key == k or key.startswith(f"{k}.") for k in keys)
 
 
 # ---- reference ------------------------------------------------------------------------------------------
@@ -337,7 +368,10 @@ def select_to_file(cfg: DictConfig) -> Path:
     """`stage=select`: the neuron set of this config's scores and budget, written to `selection.out`."""
     neuron_set = select_set(cfg, scores(cfg))
     out_setting = cfg.selection.get("out")
-    out = Path(str(out_setting)).expanduser() if out_setting else _default_set_path(cfg, neuron_set)
+    if out_setting:  # a relative path is under outputs/ (git-ignored), not wherever the command was typed
+        out = Path(str(cfg.paths.output_dir)) / Path(str(out_setting)).expanduser()
+    else:
+        out = _default_set_path(cfg, neuron_set)
     return neuron_set.save(out)
 
 

@@ -68,6 +68,22 @@ def paper_epochs(strategy: object) -> int:
     return PAPER_EPOCHS.get(str(strategy), PAPER_EPOCHS_DEFAULT)
 
 
+def language(code: object) -> str:
+    """`${neft_lab.language:fr}` → French (task=translation's prompt); a code without a known name stays as it is."""
+    from neft_lab.data.task import LANGUAGE_NAMES
+
+    return LANGUAGE_NAMES.get(str(code), str(code))
+
+
+def data_name(*folders: object) -> str:
+    """`${neft_lab.data_name:${.data.data_dir},${.data.train_dir}}`: the name of the first folder given (its last
+    part, `~/data/mynews/` → `mynews`), so task=summarization on one's own files names itself after them."""
+    for folder in folders:
+        if folder not in (None, "", "None"):
+            return basename(str(folder)) or "data"
+    return "data"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("neft_lab.wandb_offline"):
         OmegaConf.register_new_resolver("neft_lab.wandb_offline", wandb_offline, use_cache=True)
@@ -81,6 +97,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("neft_lab.budget_share", budget_share)
     if not OmegaConf.has_resolver("neft_lab.paper_epochs"):
         OmegaConf.register_new_resolver("neft_lab.paper_epochs", paper_epochs)
+    if not OmegaConf.has_resolver("neft_lab.language"):
+        OmegaConf.register_new_resolver("neft_lab.language", language)
+    if not OmegaConf.has_resolver("neft_lab.data_name"):
+        OmegaConf.register_new_resolver("neft_lab.data_name", data_name)
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

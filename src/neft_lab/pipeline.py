@@ -16,21 +16,24 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from neft_lab import chain, run_folder, tracking
+from neft_lab import chain, run_folder, signals, tracking
 from neft_lab.data.datamodule import TaskDataModule
 from neft_lab.data.encoding import PromptEncoder
 from neft_lab.data.task import Task
 from neft_lab.errors import ConfigError
 from neft_lab.evaluation.evaluate import autocast_dtype, evaluate, format_metrics
+from neft_lab.integrity import check_finite_weights
 from neft_lab.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
 from neft_lab.neurons import sliced
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
+from neft_lab.threads import apply_threads
 from neft_lab.training import checkpoints
-from neft_lab.training.checkpoints import AtomicCheckpointIO, PreemptionCheckpoint
+from neft_lab.training.checkpoints import AtomicCheckpointIO
 from neft_lab.training.distributed import uses_fsdp2
 from neft_lab.training.guards import NonFiniteGuard
 from neft_lab.training.module import CausalLMModule
+from neft_lab.training.stops import ResumedLogStep, StepBoundaryStop
 from neft_lab.validation import validate
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ def run(cfg: DictConfig) -> float | None:
     # the launching process only: DDP ranks it starts rerun the command in the same folder
     folder = run_folder.hydra_output_dir() if _DEPTH[0] == 0 and _is_global_rank_zero() else None
     output_dir = Path(str(OmegaConf.select(cfg, "paths.output_dir", default=None) or "outputs"))
-    state: dict[str, Any] = {"folder": folder}
+    state: dict[str, Any] = {"folder": folder, "cfg": cfg}
     _DEPTH[0] += 1
     try:
         result = _run(cfg, state, output_dir)
@@ -66,11 +69,19 @@ def run(cfg: DictConfig) -> float | None:
 
         result = objective(cfg, result)
     except BaseException as err:
-        if state["folder"] is not None:
-            _set_aside_failed(err, cfg, state["folder"], output_dir, keep=state.get("keep", False))
+        stopped = isinstance(err, signals.Stopped)
+        if stopped:  # one line with the resume hint, while the run folder is known
+            signals.report(err)
+        if state["folder"] is not None:  # a stopped run's folder stays where the hint says
+            keep = state.get("keep", False) or (stopped and signals.current_run_dir() is not None)
+            _set_aside_failed(err, cfg, state["folder"], output_dir, keep=keep)
         raise
     finally:
         _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            signals.set_run_dir(None)
+        if state.get("lock") is not None:
+            state["lock"].release()
     if state["folder"] is not None and OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:
         run_folder.discard(state["folder"], output_dir)
     return result
@@ -112,13 +123,13 @@ def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | No
         export_saved(cfg)
         return None
     if cfg.stage in ("reference", "score", "select"):  # the NeFT selection chain, run apart (neft_lab.chain)
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
+        apply_threads(cfg, on_gpu=_on_gpu(cfg))
         chain.run_stage(cfg)
         return None
     if cfg.stage == "analyze":  # writes to its analysis folder (analysis.out): no run folder of its own
         from neft_lab.analysis.stage import analyze
 
+        apply_threads(cfg, on_gpu=_on_gpu(cfg))
         analyze(cfg)
         return None
     cfg = _config_of_resumed_run(cfg)
@@ -127,13 +138,29 @@ def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | No
     if state["folder"] is not None and resumed and state["folder"].resolve() != run_dir.resolve():
         run_folder.continue_log_in(state["folder"], run_dir, output_dir)  # work goes on in <run_dir>
         state.update(folder=run_dir, keep=True)  # the resumed run's folder: never set aside
+    keep, state["keep"] = state.get("keep", False), True  # a folder another job works in is never set aside
+    state["lock"] = run_folder.RunFolderLock(run_dir).acquire() if _is_global_rank_zero() else None
+    state["keep"] = keep
     finished = run_folder.prepare(cfg, run_dir)
     if finished is not None:
         return _main_metric(finished.get("after"))
+    if cfg.stage == "fit" and not nested_run():
+        signals.set_run_dir(run_dir)  # a stop from here on says how to resume this folder
+    if cfg.stage == "fit" and state["lock"] is not None:  # rank 0, holding the lock
+        run_folder.remove_leftovers(run_dir)  # what a killed job's writes left
+    hydra_folder = state["folder"]
+    fresh = str(cfg.get("resume", "auto")).lower() in ("false", "none", "never")
+    if hydra_folder is not None and not resumed and (fresh or not (hydra_folder / ".hydra").exists()):
+        run_folder.save_hydra_files(hydra_folder, state["cfg"])  # only now: a refused or no-op rerun keeps it
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    apply_threads(cfg, on_gpu=_on_gpu(cfg))
     return fit(cfg, run_dir) if cfg.stage == "fit" else evaluate_saved(cfg, run_dir)
+
+
+def _on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run computes on a GPU (then torch's CPU threads only feed it: no advice about them)."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto")).lower()
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
 
 
 def _config_of_resumed_run(cfg: DictConfig) -> DictConfig:
@@ -145,7 +172,8 @@ def _config_of_resumed_run(cfg: DictConfig) -> DictConfig:
     if not (folder / "config.yaml").exists():
         raise ConfigError(f"resume={mode}: not a run folder (no config.yaml there)")
     saved = OmegaConf.load(folder / "config.yaml")
-    saved.paths.run_dir = str(folder)
+    run_folder.check_saved_config(saved, cfg, folder / "config.yaml")  # it names no class to run
+    saved = run_folder.moved_to(saved, folder)  # a copied or moved folder: checkpoints and logs go into it
     saved.resume = str(folder)
     return saved
 
@@ -248,7 +276,8 @@ def _evaluate_split(
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints"))
+    callbacks.append(StepBoundaryStop(run_dir / "checkpoints"))  # SIGTERM, SIGUSR1, Ctrl-C: training/stops.py
+    callbacks.append(ResumedLogStep())
     callbacks.append(NonFiniteGuard())  # stops on NaN/inf before any checkpoint is written (guards.py)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
@@ -363,10 +392,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     except SIGTERMException:  # Lightning stops at a step boundary and would exit 0
         _preempted(trainer, cfg, run_dir)
     best = _restore_best(module, trainer, run_dir)
+    if _is_global_rank_zero():
+        checkpoints.remove_untracked(run_dir / "checkpoints", trainer)  # e.g. an old best resumed from
     results["train"] = {
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - train_started, 2),
-        "final_loss": _metric(trainer, "train/loss"),
+        "final_loss": _metric(trainer, "train/loss") or stats.final_loss,  # also with nothing left to train
         "best_val_loss": _best_score(trainer),
         "best_checkpoint": best,
         **stats.summary(),  # median step seconds and tokens/s, peak memory
@@ -399,22 +430,15 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     return _main_metric(results.get("after"))
 
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM, what a scheduler expects from a job it stopped
+PREEMPTED_EXIT = signals.STOPPED_EXIT  # 128 + SIGTERM, what a scheduler expects from a job it stopped
 
 
 def _preempted(trainer: L.Trainer, cfg: DictConfig, run_dir: Path) -> None:
-    saved = [c.saved for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint) and c.saved]
-    where = (
-        f"checkpoint {saved[0]}" if saved else "no checkpoint (nothing trained yet, or checkpoints are off)"
-    )
-    logger.error(
-        "preempted (SIGTERM) at step %d of %s: %s. Resume with: python -m neft_lab resume=%s",
-        trainer.global_step,
-        cfg.trainer.max_steps,
-        where,
-        run_dir,
-    )
-    raise SystemExit(PREEMPTED_EXIT)
+    """Stopped at a step boundary by a signal (training/stops.py): exit 143 (130 for Ctrl-C) with the resume hint."""
+    stop = next(c for c in trainer.callbacks if isinstance(c, StepBoundaryStop))
+    err = stop.stopped(trainer)
+    signals.report(err, where=f"at step {trainer.global_step} of {cfg.trainer.max_steps}")
+    raise err
 
 
 def _metric(trainer: L.Trainer, key: str) -> float | None:
@@ -486,10 +510,18 @@ def _base_plus_delta(cfg: DictConfig, delta_path: Path) -> tuple[torch.nn.Module
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from neft_lab.integrity import HASH_KEY, check_content_hash
+
     with safe_open(str(delta_path), "pt") as f:
         meta = f.metadata() or {}
     delta = load_file(str(delta_path))
+    fix = "re-export it from its run (stage=export ckpt=<run>/checkpoints/last.ckpt) or copy an intact one"
+    check_content_hash(delta, meta.get(HASH_KEY), delta_path, fix)
     model, tokenizer = load_model(cfg.model)
+    try:
+        sliced.check_delta(model, delta)  # keys, module names, axes, indices, shapes: before hashing the base
+    except ValueError as err:
+        raise ConfigError(f"{delta_path} does not fit model={cfg.model.name}: {err}; {fix}") from None
     expected = meta.get("base_hash")
     if expected is None:
         logger.warning("%s records no base model hash (an older delta): applied without checking the base",
@@ -523,7 +555,16 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
         from peft import PeftModel
 
         base, tokenizer = load_model(cfg.model)
-        return PeftModel.from_pretrained(base, str(path)), tokenizer
+        try:
+            return PeftModel.from_pretrained(base, str(path)), tokenizer
+        except Exception as err:  # noqa: BLE001 - truncated (SafetensorError) or another model's (RuntimeError)
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(
+                f"the LoRA adapter {path} does not fit model={cfg.model.name} or is truncated/damaged "
+                f"({type(err).__name__}: {reason}): pass the model it was trained on, or re-create the adapter"
+            ) from None
     if path.is_dir() and (path / "config.json").exists():
         return load_pretrained(path, torch_dtype(cfg.model.dtype), cfg.model), load_tokenizer(path, cfg.model)
     if path.is_file() and path.suffix == ".ckpt":
@@ -534,9 +575,21 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
         )  # <run>/checkpoints/x.ckpt → <run>/neuron_set
         extras = {"neuron_set_file": neuron_set} if neuron_set.exists() else {}
         model = strategy.apply(model, StrategyContext(cfg=cfg, extras=extras))
-        state = checkpoints.load_checkpoint(path)["state_dict"]
+        state = checkpoints.load_checkpoint(path).get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(
+                f"{path} has no state_dict of tensors: it is not a Lightning checkpoint of a run; give a run "
+                "folder's checkpoints/last.ckpt (or best.ckpt), its export/ folder or its neft_delta.safetensors"
+            )
         prefix = "model."
-        missing = model.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=False)
+        try:
+            missing = model.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, strict=False)
+        except RuntimeError as err:  # size mismatches: another model, layer count or neuron set
+            reason = " ".join(str(err).split())[:300]
+            raise ConfigError(
+                f"{path} does not fit strategy={cfg.strategy.name} on model={cfg.model.name} ({reason}). Pass the "
+                "strategy/model it was trained with, or evaluate it from its own run folder"
+            ) from None
         if missing.unexpected_keys:
             raise ConfigError(
                 f"{path} does not fit strategy={cfg.strategy.name} on model={cfg.model.name}: "
@@ -565,6 +618,7 @@ def export_saved(cfg: DictConfig) -> Path:
     OmegaConf.update(cfg, "paths.run_dir", str(run_root))  # this stage has no run folder of its own
     cfg = _with_run_config(cfg, path)
     model, tokenizer = _load_for_eval(cfg, path)
+    check_finite_weights(model, path)  # NaN/inf weights: refused, not exported or scored as loss null, BLEU 0
     if hasattr(model, "merge_and_unload"):  # a PEFT model from a LoRA .ckpt
         model = model.merge_and_unload()
     sliced.merge(model)  # NeFT from a .ckpt: plain layers again (a no-op otherwise)
@@ -579,6 +633,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:
     path = Path(cfg.ckpt).expanduser()  # validate() checked that it is given and exists
     cfg = _with_run_config(cfg, path)
     model, tokenizer = _load_for_eval(cfg, path)
+    check_finite_weights(model, path)  # NaN/inf weights: refused, not exported or scored as loss null, BLEU 0
     task = Task.from_config(cfg.task)
     encoder = PromptEncoder(tokenizer, task, chat_template=cfg.model.chat_template)
     datamodule = TaskDataModule(task, encoder, eval_batch_size=cfg.loader.eval_batch_size, seed=cfg.seed)
@@ -600,13 +655,32 @@ def _with_run_config(cfg: DictConfig, path: Path) -> DictConfig:
     )
     if run_cfg_file is None:
         return cfg
-    saved = OmegaConf.load(run_cfg_file)
+    saved = _saved_run_config(run_cfg_file)
+    run_folder.check_saved_config(saved, cfg, run_cfg_file, keys=("model", "strategy", "task"))
     merged = OmegaConf.to_container(cfg, resolve=True)
     merged["model"] = OmegaConf.to_container(saved.model)
     merged["strategy"] = OmegaConf.to_container(saved.strategy)
     if not _overridden("task"):
         merged["task"] = OmegaConf.to_container(saved.task)
     return OmegaConf.create(merged)
+
+
+def _saved_run_config(file: Path) -> Any:
+    """A run folder's config.yaml, with the model, strategy and task sections stage=eval/export reuse; a garbled
+    file or one without them is one line, not a YAML or OmegaConf traceback."""
+    fix = "re-create it (copy the run folder again), or give ckpt= an export folder or a delta on its own"
+    try:
+        saved = OmegaConf.load(file)
+    except Exception as err:  # noqa: BLE001 - YAML syntax, binary garbage, unreadable
+        reason = " ".join(str(err).split())[:160]
+        raise ConfigError(
+            f"{file} is not a readable run config ({type(err).__name__}: {reason}): {fix}"
+        ) from None
+    if isinstance(saved, DictConfig):
+        for key in ("model", "strategy", "task"):
+            if not isinstance(saved.get(key), DictConfig):
+                raise ConfigError(f"{file} is not a complete run config (no '{key}' section): {fix}")
+    return saved  # a list: check_saved_config names it
 
 
 def _overridden(group: str) -> bool:

@@ -190,10 +190,86 @@ def budget_label(run: dict[str, Any]) -> str:
     return percent(value)
 
 
-def method_of(run: dict[str, Any]) -> Method:
-    """The table row of a run, from its strategy, selection method, budget and LoRA rank."""
+# as neurons/workflow.py: the methods that rank by a scorer, the scorers whose scores come from a reference run
+SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")
+REFERENCE_SCORERS = ("cosine", "lora_reference")
+PAPER_MODULES = ("up", "down")
+
+
+def selection_setting(run: dict[str, Any], key: str) -> Any:
+    """A setting that defines a NeFT method (scorer, method, pooling, modules, reference_steps, reference_horizon):
+    as metrics.json's `selection_settings` recorded it (the neuron set's own record), else from the run's
+    config.yaml (runs from before metrics.json recorded it)."""
+    recorded = f"selection_settings_{key}"
+    if recorded in run:
+        return run[recorded]
+    return run.get({"method": "selection_method"}.get(key, key))
+
+
+def _modules(run: dict[str, Any]) -> tuple[str, ...]:
+    value = selection_setting(run, "modules")
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    return tuple(str(v) for v in value) if value else PAPER_MODULES
+
+
+def _scorer(run: dict[str, Any], selection: str | None) -> str | None:
+    """The scorer that ranked a scored method's vectors (cosine: the paper's; None for random or a file)."""
+    if selection not in SCORED_METHODS:
+        return None
+    return str(selection_setting(run, "scorer") or "cosine")
+
+
+def selection_qualifiers(run: dict[str, Any], selection: str | None) -> list[str]:
+    """What sets a NeFT run apart from the paper's selection of that name: another scorer, per-layer pooling,
+    other neuron kinds (the reference's K and horizon: `reference_qualifier`, where runs differ in them)."""
+    if selection in (None, "from_file", "union"):
+        return []
+    out = []
+    scorer = _scorer(run, selection)
+    if scorer not in (None, "cosine"):
+        out.append(scorer)
+    pooling = selection_setting(run, "pooling")
+    if pooling not in (None, "global"):
+        out.append(str(pooling))
+    modules = _modules(run)
+    if modules != PAPER_MODULES:
+        out.append("/".join(modules))
+    return out
+
+
+def reference_of(run: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(K, horizon) of the reference run that scored a run's vectors; None when no reference scored them."""
+    selection = run.get("selection_settings_method") or run.get("selection_method") or run.get("selection")
+    if _scorer(run, selection) not in REFERENCE_SCORERS:
+        return None
+    return selection_setting(run, "reference_steps"), selection_setting(run, "reference_horizon")
+
+
+def reference_qualifier(reference: tuple[Any, Any] | None) -> str:
+    steps, horizon = reference or (None, None)
+    text = f"K={steps if steps is not None else '?'}"
+    return f"{text}, horizon {horizon}" if horizon else text
+
+
+def _qualified(method: Method, qualifiers: list[str]) -> Method:
+    if not qualifiers:
+        return method
+    extra = ", ".join(qualifiers)
+    return Method(f"{method.family} ({extra})", f"{method.label} ({extra})", method.order)
+
+
+def method_of(run: dict[str, Any], extra: list[str] | None = None) -> Method:
+    """The table row of a run, from its strategy, selection (scorer, method, pooling, modules), budget and LoRA
+    rank; `extra`: more qualifiers (group_rows adds the reference's K where runs differ in it)."""
     strategy = run.get("strategy") or run.get("strategy_name") or "?"
-    selection = run.get("selection_method") or run.get("selection")
+    selection = run.get("selection_settings_method") or run.get("selection_method") or run.get("selection")
+    return _qualified(
+        _method_of(run, strategy, selection), selection_qualifiers(run, selection) + (extra or [])
+    )
+
+
+def _method_of(run: dict[str, Any], strategy: str, selection: str | None) -> Method:
     value = run.get("budget_value")
     order = (float(value),) if isinstance(value, (int, float)) else ()
     actual = run.get("neuron_percent")
@@ -258,8 +334,15 @@ def task_metrics(runs: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def group_rows(runs: list[dict[str, Any]]) -> list[Row]:
     """Runs by (model, method) and task, in the paper's order: Full, LoRA, NeFT, ..."""
     rows: dict[tuple[str, str], Row] = {}
+    references: dict[str, set[str]] = defaultdict(set)  # label → the reference runs (K, horizon) behind it
+    for run in runs:
+        if (reference := reference_of(run)) is not None:
+            references[method_of(run).label].add(reference_qualifier(reference))
     for run in runs:
         method = method_of(run)
+        # scored against references of different K (or horizon): not one method
+        if len(references.get(method.label, ())) > 1:
+            method = method_of(run, [reference_qualifier(reference_of(run))])
         model = str(run.get("model", "?"))
         row = rows.setdefault((model, method.label), Row(model, method))
         row.runs[str(run.get("task", "?"))].append(run)
@@ -272,7 +355,8 @@ def group_rows(runs: list[dict[str, Any]]) -> list[Row]:
 
 
 def _family_rank(family: str) -> tuple[int, str]:
-    return (FAMILIES.index(family), "") if family in FAMILIES else (len(FAMILIES), family)
+    base = family if family in FAMILIES else family.split(" (")[0]  # "NeFT (gradient)" after "NeFT"
+    return (FAMILIES.index(base), family) if base in FAMILIES else (len(FAMILIES), family)
 
 
 def _warn_pooled(row: Row) -> None:
@@ -291,10 +375,12 @@ def _warn_pooled(row: Row) -> None:
         seeds = [r.get("seed") for r in runs]
         if len(set(seeds)) < len(seeds):
             logger.warning(
-                "report: '%s' on %s has repeated seeds %s: each run counts once",
+                "report: '%s' on %s has repeated seeds %s: the cell's n=%d counts every run, though runs of one "
+                "seed are not independent samples (reruns? keep one per seed)",
                 row.method.label,
                 task,
                 seeds,
+                len(runs),
             )
 
 

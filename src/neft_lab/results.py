@@ -19,6 +19,11 @@ SETTINGS = {
     "experiment_name": "experiment_name",
     "selection_name": "selection.name",
     "selection_method": "selection.method",
+    "scorer": "selection.scorer",  # the selection settings that define a NeFT method (metrics.json records them
+    "pooling": "selection.pooling",  # as `selection_settings` since issue 19; these are for older runs)
+    "modules": "selection.modules",
+    "reference_steps": "selection.reference.steps",
+    "reference_horizon": "selection.reference.horizon",
     "budget_kind": "selection.budget.kind",
     "budget_value": "selection.budget.value",
     "reverse_share": "selection.reverse_share",
@@ -49,6 +54,13 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
         for key, value in metrics.items():
             if isinstance(value, dict):
                 row.update({f"{key}_{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+                row.update(  # a list of names (selection_settings.modules) as one comma-separated value
+                    {
+                        f"{key}_{k}": ",".join(map(str, v))
+                        for k, v in value.items()
+                        if isinstance(v, list) and all(isinstance(x, (str, int)) for x in v)
+                    }
+                )
             else:
                 row[key] = value
         config_file = metrics_file.parent / "config.yaml"

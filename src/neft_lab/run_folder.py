@@ -4,12 +4,22 @@
   command says so and exits 0 without touching anything.
 - A folder started with another config refuses to continue, naming the keys that differ.
 - `resume=false` starts over in the folder, removing the earlier run's results first.
+- One job at a time: a job holds a lock on its folder (`RunFolderLock`); a second one refuses in one line.
+- `.hydra/` is written only once the check passed (`save_hydra_files`): a refused or no-op rerun leaves it.
+- A saved run is data: reading one back never instantiates a class it names outside neft_lab's own configs
+  nor enables `trust_remote_code` (`check_saved_config`); a copied or moved folder resumes into itself
+  (`moved_to`); what a killed write left is removed by the next job (`remove_leftovers`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,9 +39,10 @@ MAY_DIFFER = (
     "resume", "threads", "paths", "logger", "callbacks", "experiment_name", "sweep_objective", "analysis", "report",
     "trainer.enable_progress_bar", "eval.show", "eval.log_predictions",
 )  # fmt: skip
-# What an earlier run left that a new one would pick up (resume, restore-best, reports).
+# What an earlier run left that a new one would pick up (resume, restore-best, reports; csv: the training log,
+# appended to across resumes).
 RESULTS = ("checkpoints", "export", METRICS, "predictions.jsonl", "neuron_set.safetensors", "neuron_set.json",
-           "neft_delta.safetensors")  # fmt: skip
+           "neft_delta.safetensors", "csv")  # fmt: skip
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,6 +116,178 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_file, OmegaConf.to_yaml(cfg, resolve=True))
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# A saved run is data: reading it never runs code it names
+
+
+@functools.lru_cache(maxsize=1)
+def _project_targets() -> frozenset[str]:
+    """Every `_target_` the project's own configs (conf/) and strategy registry name."""
+    from neft_lab.config import conf_dir
+    from neft_lab.strategies import REGISTRY
+
+    found = {f"{cls.__module__}.{cls.__qualname__}" for cls in REGISTRY.values()}
+    for file in conf_dir().rglob("*.yaml"):
+        found.update(re.findall(r"^\s*_target_:\s*['\"]?([\w.]+)", file.read_text(), flags=re.M))
+    return frozenset(found)
+
+
+def _targets(node: Any, prefix: str = "") -> dict[str, str]:
+    """`key: class` for every `_target_` below `node` (a plain container)."""
+    found: dict[str, str] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                found[f"{prefix}_target_"] = str(value)
+            else:
+                found.update(_targets(value, f"{prefix}{key}."))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.update(_targets(value, f"{prefix}{i}."))
+    return found
+
+
+def check_saved_config(saved: Any, command: Any, source: Path, keys: tuple[str, ...] | None = None) -> None:
+    """Refuse a saved run config (`source`, e.g. a foreign `config.yaml`) that would run code when read back:
+    a `_target_` that neither the project's configs nor this command name at that key, or
+    `model.trust_remote_code: true` that this command does not pass. `keys`: only these parts are read."""
+    saved = OmegaConf.to_container(saved, resolve=False) if isinstance(saved, DictConfig) else saved
+    trusted = bool(OmegaConf.select(command, "model.trust_remote_code", default=False))
+    command = OmegaConf.to_container(command, resolve=False)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{source} is not a run config (a mapping of settings): give the folder of a run")
+    parts = {k: saved.get(k) for k in keys} if keys is not None else saved
+    allowed = _project_targets()
+    mine = _targets(command)
+    for key, target in _targets(parts).items():
+        if target not in allowed and mine.get(key) != target:
+            raise ConfigError(
+                f"{source} sets {key}={target}, a class neft_lab does not provide: a saved run never instantiates "
+                f"a class named in it. If you trust it, pass {key}={target} on the command line"
+            )
+    trust = (
+        (saved.get("model") or {}).get("trust_remote_code") if isinstance(saved.get("model"), dict) else None
+    )
+    if trust and not trusted:
+        raise ConfigError(
+            f"{source} sets model.trust_remote_code=true: a saved run never enables it (its folder's .py files "
+            "would run). If you trust that code, pass model.trust_remote_code=true on the command line"
+        )
+
+
+def moved_to(saved: DictConfig, folder: Path) -> DictConfig:
+    """The saved config of the run now in `folder` (copied or moved there): `paths.run_dir` and every path below
+    the old run folder (checkpoint dirpaths, the CSV logger's save_dir, ...) point into `folder`."""
+    data = OmegaConf.to_container(saved, resolve=False)
+    old = str(((data.get("paths") or {}) if isinstance(data, dict) else {}).get("run_dir") or "").rstrip("/")
+    new = str(folder)
+
+    def moved(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: moved(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [moved(v) for v in node]
+        if old and isinstance(node, str) and (node == old or node.startswith(old + "/")):
+            return new + node[len(old) :]
+        return node
+
+    data = moved(data)
+    data.setdefault("paths", {})["run_dir"] = new
+    return OmegaConf.create(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# One job per run folder, and what a killed one left
+
+
+_HELD: set[int] = set()  # descriptors holding a run folder's lock in this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that the lock ends with
+    the job that took it and never lives on in a leftover worker."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class RunFolderLock:
+    """An exclusive `flock` on the run folder itself (no lock file: a no-op rerun touches nothing), held while
+    a job works in it; released when the process ends, however it ends."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(
+                    f"another job is running in {self.run_dir}: wait for it to end (or stop it), or choose "
+                    "another hydra.run.dir"
+                ) from None
+            logger.debug("cannot lock %s (%s): going on without a lock", self.run_dir, err)
+            return self
+        self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            _HELD.discard(self._fd)
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+# atomic_file's `.<name>.<random>.tmp`, atomic_dir's `.<name>.<random>.tmp/` and `.<name>.old/`, the checkpoint
+# link's `.<name>.link-tmp`: what a kill in the middle of a write leaves behind
+LEFTOVER = re.compile(r"^\..+\.(?:\w+\.tmp|old|link-tmp)$")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the temporary files and folders of writes a killed job left in `run_dir` (call under the lock)."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if LEFTOVER.match(path.name):
+                shutil.rmtree(
+                    path, ignore_errors=True
+                ) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+                removed.append(path)
+    if removed:
+        logger.info("removed what an interrupted write left: %s", ", ".join(str(p) for p in removed))
+    return removed
+
+
+def save_hydra_files(folder: Path, cfg: DictConfig) -> None:
+    """Hydra's `.hydra/` (config, hydra, overrides), written once the command's check of the folder passed:
+    `hydra.output_subdir` is null, so a refused or no-op rerun leaves the folder's record as it was."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not inside a Hydra job
+        return
+    out = folder / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write_text(out / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    atomic_write_text(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 # What Hydra leaves in the folder of every command: a command that failed (or `stage=report`, or

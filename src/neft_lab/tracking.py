@@ -9,8 +9,9 @@ Every logger receives the scalars; W&B (found among `trainer.loggers`) also gets
 neuron-set table, bar chart and cosine histograms, and a table of predictions. The CSV logger gets
 scalars only. Nothing here fails a run for want of a logger.
 
-`AppendingCSVLogger` (`logger=csv`) keeps `<run>/csv/metrics.csv` across resumes and reruns into the
-same run folder: Lightning's CSV logger deletes the file whenever its folder is not empty.
+`AppendingCSVLogger` (`logger=csv`) keeps `<run>/csv/metrics.csv` across resumes into the same run folder:
+Lightning's CSV logger deletes the file whenever its folder is not empty. (`resume=false`, starting over,
+removes it with the earlier run's other results: run_folder.RESULTS.)
 """
 
 from __future__ import annotations
@@ -39,16 +40,23 @@ PREDICTION_COLUMNS = ("source", "reference", "prediction")
 
 
 class RunStats(L.Callback):
-    """Per training batch: seconds (the same span as `train/step_seconds`) and tokens; peak memory."""
+    """Per training batch: seconds (the same span as `train/step_seconds`) and tokens; peak memory.
+
+    Kept in every checkpoint with the last training loss, so a resumed run reports the steps of the attempts
+    before it too, and a run resumed with nothing left to train (killed while exporting or evaluating) still
+    reports its final loss, step time and throughput."""
 
     def __init__(self) -> None:
         self.step_seconds: list[float] = []
         self.tokens_per_second: list[float] = []
+        self.final_loss: float | None = None  # the last step's train/loss, as saved in the checkpoint
+        self._trainer: L.Trainer | None = None
         self._started = 0.0
         self._tokens = 0
         self._cuda: torch.device | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
         device = trainer.strategy.root_device
         self._cuda = device if device.type == "cuda" else None
         if self._cuda is not None:  # the peak of this run's training, weights included
@@ -67,6 +75,22 @@ class RunStats(L.Callback):
         seconds = time.perf_counter() - self._started
         self.step_seconds.append(seconds)
         self.tokens_per_second.append(self._tokens / max(seconds, 1e-9))
+
+    def state_dict(self) -> dict[str, Any]:
+        loss = self._trainer.callback_metrics.get("train/loss") if self._trainer is not None else None
+        if loss is not None:
+            self.final_loss = float(loss)
+        return {
+            "step_seconds": list(self.step_seconds),
+            "tokens_per_second": list(self.tokens_per_second),
+            "final_loss": self.final_loss,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_seconds = [float(v) for v in state_dict.get("step_seconds", [])]
+        self.tokens_per_second = [float(v) for v in state_dict.get("tokens_per_second", [])]
+        loss = state_dict.get("final_loss")
+        self.final_loss = None if loss is None else float(loss)
 
     def summary(self) -> dict[str, Any]:
         """Median step time and throughput (robust to the first, slow step) and peak memory."""

@@ -49,15 +49,13 @@ def validate(cfg: DictConfig) -> None:
     if stage == "analyze":  # run folders, neuron sets and numbers (neft_lab.analysis.stage.settings)
         from neft_lab.analysis.stage import settings
 
-        if value_of(cfg, "threads") is not None:
-            require_int(cfg, "threads", 1)
+        _check_threads(cfg)
         settings(cfg)
         return
     seed = value_of(cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed={seed!r}: a seed must be an integer in [0, 2**32), e.g. seed=0")
-    if value_of(cfg, "threads") is not None:
-        require_int(cfg, "threads", 1)
+    _check_threads(cfg)
     require_int(cfg, "eval.batch_size", 1, 16)
     require_int(cfg, "loader.eval_batch_size", 1, 16)
     eval_precision = value_of(cfg, "eval.precision")
@@ -117,6 +115,24 @@ def _check_selection_stage(cfg: DictConfig, stage: str) -> None:
             f"stage=reference: selection.scorer={scorer_of(cfg)} needs no reference run; go on with stage=score"
         )
     check_selection(cfg)
+    check_writable_folder(cfg, "paths.cache_dir")
+
+
+def check_writable_folder(cfg: DictConfig, key: str) -> None:
+    """The folder at `key` exists as a folder, or can be created, and takes files; checked by creating and
+    removing a temporary folder in it (or in its nearest existing parent), so nothing is left behind."""
+    import tempfile
+
+    value = value_of(cfg, key)
+    folder = Path(str(value)).expanduser()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    fix = f"point {key} at a writable folder (paths.cache_dir also follows NEFT_LAB_CACHE)"
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"{key}={value} is not writable ({existing} is not a folder): {fix}")
+    try:
+        Path(tempfile.mkdtemp(prefix=".neft_lab_probe.", dir=existing)).rmdir()
+    except OSError as err:
+        raise ConfigError(f"{key}={value} is not writable ({err.strerror} in {existing}): {fix}") from None
 
 
 # ---- helpers (also used by the components' own checks) ------------------------------------------------------
@@ -217,12 +233,89 @@ def _check_trainer(cfg: DictConfig) -> None:
             lambda v: 0 < v <= 1,
             "50",
         )
+    epochs = value_of(cfg, "trainer.max_epochs")
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < -1 or epochs == 0
+    ):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r}: must be an integer >= 1, or -1 (no limit: trainer.max_steps ends "
+            "the run), e.g. trainer.max_epochs=-1"
+        )
+    _check_devices(cfg)
+    precision = value_of(cfg, "trainer.precision")
+    if str(precision) not in LIGHTNING_PRECISIONS or isinstance(precision, (bool, float)):
+        raise ConfigError(
+            f"trainer.precision={precision!r}: unknown precision, choose one of {', '.join(LIGHTNING_PRECISIONS[:6])} "
+            "(e.g. trainer.precision=32-true on CPU, bf16-mixed on a GPU)"
+        )
+    limit = value_of(cfg, "trainer.limit_val_batches")
+    if limit is not None:
+        number(
+            limit,
+            "trainer.limit_val_batches",
+            "in [0, 1] (a share of the validation set) or an integer >= 0 (batches)",
+            lambda v: v >= 0 and (v <= 1 or float(v).is_integer()),
+            "1.0",
+        )
     if value_of(cfg, "trainer.accumulate_grad_batches") is not None:
         require_int(cfg, "trainer.accumulate_grad_batches", 1)
     if value_of(cfg, "trainer.gradient_clip_val") is not None:
         require_number(
             cfg, "trainer.gradient_clip_val", ">= 0 (0 or null: no clipping)", lambda v: v >= 0, "1.0"
         )
+
+
+LIGHTNING_PRECISIONS = (
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "16-true",
+    "64-true",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "32",
+    "16",
+    "bf16",
+    "64",
+)
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "tpu", "auto")
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """trainer.accelerator/devices/num_nodes as Lightning takes them, and a GPU accelerator only where CUDA is
+    (otherwise Lightning refuses only once the model is loaded and scored zero-shot)."""
+    accelerator = value_of(cfg, "trainer.accelerator")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r}: choose one of {', '.join(ACCELERATORS)} (or trainer=cpu / trainer=gpu)"
+        )
+    devices = value_of(cfg, "trainer.devices")
+    ok = devices == "auto" or devices == -1
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        ok = ok or devices >= 1
+    elif isinstance(devices, (list, tuple, ListConfig)):
+        ok = len(devices) > 0 and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
+        )
+    elif isinstance(devices, str) and devices != "auto":
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        ok = bool(parts) and all(p.isdigit() for p in parts) and (len(parts) > 1 or int(parts[0]) >= 1)
+    if not ok:
+        raise ConfigError(
+            f"trainer.devices={devices!r}: give a number of devices >= 1, a list of device ids ([0,1]), -1 or auto, "
+            "e.g. trainer.devices=1"
+        )
+    if value_of(cfg, "trainer.num_nodes") is not None:
+        require_int(cfg, "trainer.num_nodes", 1)
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={accelerator}: no CUDA GPU is visible on this machine; run on CPU with "
+                "trainer=cpu (or trainer.accelerator=cpu trainer.precision=32-true), or where a GPU is"
+            )
 
 
 def _check_task(cfg: DictConfig) -> None:
@@ -250,3 +343,11 @@ def _check_model_and_strategy(cfg: DictConfig) -> None:
     with resolving("strategy"):
         strategy = build_strategy(cfg.strategy)
         strategy.check_config(cfg)
+    if getattr(strategy, "uses_selection", False) or value_of(cfg, "model.source") == "gemma_gguf":
+        check_writable_folder(cfg, "paths.cache_dir")  # the reference run, scores, the converted Gemma
+
+
+def _check_threads(cfg: DictConfig) -> None:
+    """`threads`: null (torch's count), auto (the cores idle at start-up) or a count >= 1."""
+    if value_of(cfg, "threads") is not None and str(value_of(cfg, "threads")) != "auto":
+        require_int(cfg, "threads", 1)

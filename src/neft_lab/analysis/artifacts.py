@@ -83,5 +83,18 @@ def load_analysis(folder: str | Path) -> Analysis:
         raise ConfigError(f"{folder} holds no readable {INDEX} ({err}): run stage=analyze first") from None
 
 
+def find_analysis(root: str | Path) -> Path:
+    """The newest analysis folder under `root` (one holding analysis.json): stage=analyze writes it to
+    `<first run>/analysis` (or `analysis.out`), wherever the runs are under outputs/."""
+    root = Path(root).expanduser()
+    found = sorted(root.rglob(INDEX), key=lambda f: f.stat().st_mtime) if root.is_dir() else []
+    if not found:
+        raise ConfigError(
+            f"no analysis under {root}: run python -m neft_lab stage=analyze 'analysis.runs=[<run>,...]' (it writes "
+            "<first run>/analysis), or set NEFT_LAB_ANALYSIS=<that folder>"
+        )
+    return found[-1].parent
+
+
 def write_index(folder: Path, index: dict[str, Any]) -> Path:
     return atomic_write_json(folder / INDEX, index)

@@ -212,9 +212,7 @@ def _task_overridden() -> bool:
 # ---- the stage ----------------------------------------------------------------------------------------
 def analyze(cfg: DictConfig) -> None:
     started = time.perf_counter()
-    s = settings(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    s = settings(cfg)  # (threads: set by the pipeline, neft_lab.threads)
     s.out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"settings": s.raw, "reference": None, "models": [], "comparisons": []}
     sets = all_sets(s)

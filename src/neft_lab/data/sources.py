@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,59 @@ from neft_lab.errors import DataError
 logger = logging.getLogger(__name__)
 
 
+def regular_file(path: Path) -> Path:
+    """`path` if it is a regular file (through symlinks); else a one-line DataError saying what it is. A FIFO
+    blocked forever and a symlink to /dev/zero filled the memory; a folder or a symlink loop was a traceback."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(
+                f"{path} is a loop of symbolic links: point it (or the setting naming it) at a real data file"
+            ) from None
+        raise DataError(
+            f"{path} cannot be read ({err.strerror}): check the path and its permissions"
+        ) from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path} is a folder, not a file: point the setting at the data file inside it")
+    if not stat.S_ISREG(mode):
+        what = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "special"
+        )
+        raise DataError(
+            f"{path} is not a regular file ({what}): give a data file on disk (copy the data into one)"
+        )
+    return path
+
+
+def _loads(text: str, where: str) -> Any:
+    """json.loads, with a record nested thousands of levels deep refused in one line (not a RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where} is nested too deeply to be a data record: give flat JSON records") from None
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's content (a byte-order mark dropped); a missing or non-UTF-8 file is a DataError."""
+    regular_file(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path} does not exist") from None
+    except OSError as err:
+        raise DataError(
+            f"{path} cannot be read ({err.strerror}): check the path and its permissions"
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -98,7 +146,7 @@ def read_jsonl(path: Path, source_field: str, target_field: str) -> list[Example
             continue
         where = f"{path} line {i + 1}"
         try:
-            record = json.loads(line)
+            record = _loads(line, where)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{where} is not valid JSON ({err.msg}): each line must be one JSON object"
@@ -118,9 +166,9 @@ def read_local_split(
     folder = data_folder(folder, f"task.data.{split}_dir (or task.data.data_dir)")
     source_file, target_file = folder / f"{split}.{source_lang}", folder / f"{split}.{target_lang}"
     jsonl = folder / f"{split}.jsonl"
-    if source_file.exists() or target_file.exists():
+    if os.path.lexists(source_file) or os.path.lexists(target_file):
         return read_parallel(source_file, target_file)
-    if jsonl.exists():
+    if os.path.lexists(jsonl):
         return read_jsonl(jsonl, source_field, target_field)
     present = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())[:12]) or "nothing"
     raise DataError(
@@ -159,7 +207,9 @@ def data_file(path: str | Path, key: str, what: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
         state = "is a folder, not a file" if file.is_dir() else "does not exist"
-        raise DataError(f"{key}={file} {state}: point {key} at a JSONL file of {what}")
+        if file.is_dir() or not os.path.lexists(file):
+            raise DataError(f"{key}={file} {state}: point {key} at a JSONL file of {what}")
+        regular_file(file)  # a FIFO, a device, a symlink loop: says which
     return file
 
 
@@ -169,7 +219,7 @@ def read_records(path: Path) -> list[tuple[dict[str, Any], str]]:
     text = read_text(path) if path.suffix == ".json" else ""
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = _loads(text, str(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
         records = [(row, f"{path} record {i + 1}") for i, row in enumerate(rows)]
@@ -180,7 +230,7 @@ def read_records(path: Path) -> list[tuple[dict[str, Any], str]]:
                 continue
             where = f"{path} line {i + 1}"
             try:
-                records.append((json.loads(line), where))
+                records.append((_loads(line, where), where))
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{where} is not valid JSON ({err.msg}): each line must be one JSON object"

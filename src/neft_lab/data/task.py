@@ -99,6 +99,9 @@ class Task:
                 f"task {raw.get('name')}: the ifeval metric scores instruction tasks only (task.kind=instruction "
                 "with IFEval test rows, e.g. task=alpaca_ifeval)"
             )
+        if raw.get("kind") != INSTRUCTION:
+            _check_template(raw, "prompt", ("source",))
+        _check_limits(raw)
         return cls(
             name=raw["name"],
             kind=raw["kind"],
@@ -323,6 +326,42 @@ def _check_instruction(raw: dict[str, Any], metrics: tuple[str, ...]) -> None:
             f"task {name}: the ifeval metric scores IFEval test rows: set task.data.test_prompt_field=prompt "
             "(the prompt's field in IFEval's input_data.jsonl)"
         )
+
+
+def _check_template(raw: dict[str, Any], key: str, fields: tuple[str, ...]) -> None:
+    """A format template fills only `fields`: an unknown field or a stray brace is refused up front, not a
+    KeyError/ValueError on the first example after the model has loaded."""
+    import string
+
+    template = str(raw.get(key) or "")
+    allowed = " and ".join(f"{{{f}}}" for f in fields)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ConfigError(
+            f"task.{key} is not a valid template ({err}): {template!r}; only {allowed} is filled in, "
+            "write literal braces as {{ and }}"
+        ) from None
+    for name in names:
+        if name.split(".")[0].split("[")[0] not in fields or name != name.split(".")[0].split("[")[0]:
+            raise ConfigError(
+                f"task.{key} has an unknown field {{{name}}}: use {allowed} (literal braces as {{{{ and }}}}) "
+                f"in {template!r}"
+            )
+
+
+def _check_limits(raw: dict[str, Any]) -> None:
+    """task.data.max_train/max_val/max_test: null (all) or a whole number >= 1 (-5 used to drop 5 examples)."""
+    data = raw.get("data") or {}
+    for key in ("max_train", "max_val", "max_test", "val_size"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"task.data.{key}={value!r}: must be an integer >= 1 or null (all examples), "
+                f"e.g. task.data.{key}=500"
+            )
 
 
 def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:

@@ -96,6 +96,10 @@ def check_model_config(cfg: Any) -> str:
     if source == "hub" and not _get(cfg, "name_or_path"):
         raise ConfigError("model=hub needs model.name_or_path=<hub id or local folder>")
     torch_dtype(_get(cfg, "dtype", "float32"))
+    if source == "tiny":
+        check_tiny_config(_get(cfg, "tiny", {}) or {})
+    elif source == "hub":
+        check_local_model_folder(str(_get(cfg, "name_or_path")))
     chat_template = _get(cfg, "chat_template", False)
     if chat_template not in (True, False, "auto"):
         raise ConfigError(
@@ -103,6 +107,69 @@ def check_model_config(cfg: Any) -> str:
             "false (plain prompts) or auto (the template where the tokenizer has one)"
         )
     return source
+
+
+TINY_ARCHS = ("llama", "gemma3", "gpt2")
+
+
+def check_tiny_config(tiny: Any) -> None:
+    """model.tiny.*: whole numbers in range and a hidden size the heads divide (65 with 4 heads was a
+    traceback from transformers once the run had started)."""
+    sizes = {}
+    keys = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "max_positions")
+    for key in (*keys, "vocab_size"):
+        value = _get(tiny, key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"model.tiny.{key}={value!r}: must be an integer >= 1, e.g. model.tiny.{key}=4")
+        sizes[key] = value
+    arch = _get(tiny, "arch", "llama")
+    if arch not in TINY_ARCHS:
+        raise ConfigError(f"model.tiny.arch={arch!r}: choose one of {', '.join(TINY_ARCHS)}")
+    hidden, heads, kv = sizes.get("hidden_size"), sizes.get("num_heads"), sizes.get("num_kv_heads")
+    if hidden and heads and hidden % heads:
+        raise ConfigError(
+            f"model.tiny.hidden_size={hidden} is not a multiple of model.tiny.num_heads={heads}: choose sizes the "
+            f"heads divide, e.g. model.tiny.hidden_size={hidden - hidden % heads or heads}"
+        )
+    if heads and kv and arch != "gpt2" and heads % kv:
+        raise ConfigError(
+            f"model.tiny.num_heads={heads} is not a multiple of model.tiny.num_kv_heads={kv}: e.g. "
+            "model.tiny.num_kv_heads=1"
+        )
+
+
+def check_local_model_folder(name_or_path: str) -> None:
+    """A local folder given as the model must hold a model (an empty folder used to end in a traceback)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder} has no config.json: it is not a Hugging Face model folder; give model.name_or_path=<a folder "
+            "with config.json and weights> or a hub id"
+        )
+
+
+def local_model_config_available(cfg: Any) -> bool:
+    """Whether the model's shapes can be known on this machine without a download or a conversion."""
+    source = _get(cfg, "source", "hub")
+    if source == "tiny":
+        return True
+    if source == "gemma_gguf":
+        from neft_lab.models.gemma_gguf import MODEL_SUBDIR, _is_complete, default_cache_dir
+
+        cache = _get(cfg, "cache_dir")
+        root = Path(cache).expanduser() if cache is not None else default_cache_dir()
+        return _is_complete(root / MODEL_SUBDIR)
+    name = str(_get(cfg, "name_or_path"))
+    if (Path(name).expanduser() / "config.json").is_file():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json", revision=_get(cfg, "revision")), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id
+        return False
 
 
 def model_folder(cfg: Any) -> str | None:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neft_lab.errors import ConfigError
+from neft_lab.integrity import HASH_KEY, check_content_hash, content_hash
 from neft_lab.io import apply_umask, atomic_write_json
 from neft_lab.neurons.geometry import NeuronSpace
 
@@ -139,7 +140,7 @@ class NeuronSet:
         base.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"indices.{n}": i.contiguous() for n, i in self.indices.items()}
         tensors.update({f"scores.{n}": s.float().contiguous() for n, s in self.scores.items()})
-        meta = self.metadata()
+        meta = {**self.metadata(), HASH_KEY: content_hash(tensors)}  # a flipped bit is refused on load
         tmp = base.with_name(f".{base.name}.safetensors.tmp")
         save_file(tensors, str(tmp), metadata={"neft_lab": json.dumps(meta, default=str)})
         apply_umask(tmp)  # safetensors writes 0600
@@ -163,6 +164,14 @@ class NeuronSet:
             raise ConfigError(f"{file} is not a neft_lab neuron set (no neft_lab metadata): {fix}")
         try:
             meta = json.loads(header)
+            if not isinstance(meta, dict):
+                raise TypeError("the metadata is not a mapping")
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"neuron set {file} has damaged metadata ({type(err).__name__}: {err}): {fix}"
+            ) from None
+        check_content_hash(tensors, meta.get(HASH_KEY), file, fix)
+        try:
             space = NeuronSpace.from_shapes(
                 meta["model_type"],
                 {
@@ -188,6 +197,11 @@ class NeuronSet:
                     )
                 ):
                     raise ValueError(f"indices of {name} are not distinct vectors of 0..{count - 1}")
+            indices = {
+                name: idx for name, idx in indices.items() if idx.numel()
+            }  # an empty group selects nothing
+            if not indices:
+                raise ConfigError(f"this neuron set selects no vectors (no indices in any group): {fix}")
             own = {k: v for k, v in meta.items() if k not in _DERIVED}
             return cls(space, indices, scores, own)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
@@ -199,7 +213,17 @@ class NeuronSet:
 
 
 # metadata() keys that describe the space and counts; the rest is the set's own meta
-_DERIVED = ("format", "model_type", "kinds", "signature", "groups", "vectors", "parameters", "per_layer")
+_DERIVED = (
+    "format",
+    "model_type",
+    "kinds",
+    "signature",
+    "groups",
+    "vectors",
+    "parameters",
+    "per_layer",
+    HASH_KEY,
+)
 
 
 def neuron_set_file(path: str | Path) -> Path:

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from neft_lab.errors import ConfigError
+from neft_lab.integrity import HASH_KEY, check_content_hash, content_hash
 from neft_lab.io import apply_umask, atomic_write_json
+from neft_lab.neurons.geometry import NeuronSpace
 
 FORMAT = "neft_lab.scores/1"
 
@@ -39,9 +41,9 @@ def save(
         "key": json.dumps(key, sort_keys=True, default=str),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {k: v.detach().float().contiguous().cpu() for k, v in scores.items()}, str(tmp), metadata=header
-    )
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in scores.items()}
+    header[HASH_KEY] = content_hash(tensors)  # a flipped bit is refused when the file is read
+    save_file(tensors, str(tmp), metadata=header)
     apply_umask(tmp)  # safetensors writes 0600; the cache is shared
     tmp.replace(path)
     atomic_write_json(path.with_suffix(".json"), {"scorer": scorer, **info, "key": key})
@@ -49,9 +51,10 @@ def save(
 
 
 def load(
-    path: str | Path, expected: dict[str, Any] | None = None
+    path: str | Path, expected: dict[str, Any] | None = None, space: NeuronSpace | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Scores and their header; with `expected` (this config's key), refuse a file made for other settings."""
+    """Scores and their header; with `expected` (this config's key), refuse a file made for other settings;
+    with `space` (the model's vector groups), refuse scores that do not give one finite score per vector."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -69,6 +72,9 @@ def load(
         raise ConfigError(
             f"{path} is not a neft_lab scores file (no '{FORMAT}' header): make it with stage=score"
         )
+    check_content_hash(scores, header.get(HASH_KEY), path, "make it again with stage=score")
+    if space is not None:
+        check_fits(scores, space, path)
     key = json.loads(header["key"])
     if expected is not None:
         difference = first_differences(key, json.loads(json.dumps(expected, sort_keys=True, default=str)))
@@ -79,6 +85,28 @@ def load(
                 "the run compute (and cache) its own"
             )
     return scores, {"scorer": header["scorer"], "key": key}
+
+
+def check_fits(scores: dict[str, torch.Tensor], space: NeuronSpace, path: str | Path) -> None:
+    """One finite score per vector of every group of the model (NaN scores selected a group's first vectors;
+    3 scores for a group of 128 misplaced indices and dropped another group)."""
+    fix = "score again with stage=score for this model (or drop selection.scores)"
+    for group in space.groups:
+        values = scores.get(group.name)
+        if values is None:
+            raise ConfigError(
+                f"scores file {path} has no scores for {group.name}; this model has {group.count} vectors there: {fix}"
+            )
+        if tuple(values.shape) != (group.count,):
+            raise ConfigError(
+                f"scores file {path}: {group.name} holds scores of shape {tuple(values.shape)}, but this model has "
+                f"{group.count} vectors there: {fix}"
+            )
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise ConfigError(
+                f"scores file {path} holds non-finite scores ({bad} NaN/inf in {group.name}): {fix}"
+            )
 
 
 def first_differences(made: Any, wanted: Any, prefix: str = "", limit: int = 4) -> list[str]:

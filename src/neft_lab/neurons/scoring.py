@@ -119,3 +119,41 @@ def cosine_scores(
             "every vector has cosine 1: the reference did not move (did the reference fine-tune train?)"
         )
     return scores
+
+
+# The setting that makes each scorer's scores more telling (named by the warning below).
+RAISE_TO_SEPARATE = {
+    "cosine": "selection.reference.steps (the reference run's K; the paper: 3,200) or selection.reference.lr",
+    "lora_reference": "selection.reference.steps (the reference run's K) or selection.lora_reference.lr",
+    "gradient": "selection.gradient.batches",
+    "probe": "selection.probe.max_examples",
+    "activation_ridge": "selection.activation_ridge.max_examples",
+}
+COSINE_SCORERS = ("cosine", "lora_reference")  # scores in [-1, 1]: their spread is absolute
+MIN_SPREAD = 5e-5  # below it the scores look alike at 4 decimals (cosine 1.0000 … 1.0000)
+MAX_TIED = 0.5  # most vectors sharing their score with another: float resolution, not the data, orders them
+
+
+def separation_problem(scores: dict[str, torch.Tensor], scorer: str) -> str | None:
+    """Why these scores cannot tell the vectors apart (nearly all alike, or most tied), or None when they can.
+
+    A reference run of a few steps (debug=fast: 4) barely moves any vector: every cosine is 1.0000 and the
+    vectors chosen among them are as good as random. Scorers other than the cosine ones are judged relative
+    to their largest magnitude."""
+    values = [v.detach().flatten().float() for v in scores.values() if v.numel()]
+    if not values:
+        return None
+    flat = torch.cat(values)
+    if flat.numel() < 2 or not torch.isfinite(flat).all():
+        return None  # non-finite scores are refused where they are read
+    low, high, median = float(flat.min()), float(flat.max()), float(flat.median())
+    scale = 1.0 if scorer in COSINE_SCORERS else max(abs(low), abs(high))
+    tied = 1.0 - torch.unique(flat).numel() / flat.numel()
+    if high - low > MIN_SPREAD * scale and tied <= MAX_TIED:
+        return None
+    setting = RAISE_TO_SEPARATE.get(scorer, "the scorer's amount of data")
+    return (
+        f"the {scorer} scores cannot separate the vectors (min {low:.4f}, median {median:.4f}, max {high:.4f} over "
+        f"{flat.numel():,} vectors, {100 * tied:.0f}% tied): the selection among them is close to random. "
+        f"Raise {setting}"
+    )

@@ -466,9 +466,23 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
     Everything is checked first; a module that is missing, not linear, or whose shape does not
     fit raises ValueError naming the module and the shapes, and the model is left unchanged.
     """
+    for weight, axis, indices, vectors in _delta_writes(model, delta):
+        weight.index_copy_(axis, indices, vectors)
+
+
+def check_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first key, module, axis, index or shape of `delta` that does not fit `model`."""
+    _delta_writes(model, delta)
+
+
+def _delta_writes(
+    model: nn.Module, delta: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
     writes: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
     for module_name, parts in _group_delta(delta).items():
         try:
+            if any(part in ("", ".", "..") for part in module_name.split(".")):
+                raise AttributeError(module_name)
             module = model.get_submodule(module_name)
         except AttributeError:
             raise ValueError(
@@ -481,12 +495,20 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
             )
         if not _is_linear(module):
             raise ValueError(f"module {module_name!r} is a {type(module).__name__}, not nn.Linear or Conv1D")
+        if parts["axis"].numel() != 1 or parts["axis"].is_floating_point():
+            raise ValueError(f"delta for module {module_name!r}: axis must be one integer, 0 or 1")
         axis = int(parts["axis"])
+        if axis not in (0, 1):
+            raise ValueError(f"delta for module {module_name!r}: axis {axis}, but a delta slices axis 0 or 1")
+        if parts["indices"].is_floating_point() or parts["indices"].dtype == torch.bool:
+            raise ValueError(
+                f"delta for module {module_name!r}: indices are {parts['indices'].dtype}, not integers"
+            )
         indices, vectors = parts["indices"].to(torch.long).reshape(-1), parts["vectors"]
         weight = linear_weight(module)
         expected = list(weight.shape)
         expected[axis] = indices.numel()
-        if axis not in (0, 1) or list(vectors.shape) != expected:
+        if list(vectors.shape) != expected:
             raise ValueError(
                 f"delta for module {module_name!r} does not fit: weight A is {tuple(weight.shape)} "
                 f"(out, in), delta vectors are {tuple(vectors.shape)} for {indices.numel()} indices on axis "
@@ -497,6 +519,7 @@ def apply_delta(model: nn.Module, delta: dict[str, torch.Tensor]) -> None:
                 f"delta for module {module_name!r}: indices span {int(indices.min())}..{int(indices.max())}, "
                 f"but A {tuple(weight.shape)} has {weight.shape[axis]} units on axis {axis}"
             )
+        if indices.unique().numel() != indices.numel():
+            raise ValueError(f"delta for module {module_name!r}: indices repeat a unit")
         writes.append((weight, axis, indices.to(weight.device), vectors.to(weight.device, weight.dtype)))
-    for weight, axis, indices, vectors in writes:
-        weight.index_copy_(axis, indices, vectors)
+    return writes

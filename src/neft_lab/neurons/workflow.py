@@ -25,7 +25,7 @@ from neft_lab.neurons import scores_file as scores_io
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet, neuron_set_file
 from neft_lab.neurons.scorers import HIGHER_IS_SELECTED
-from neft_lab.neurons.scoring import WeightSource
+from neft_lab.neurons.scoring import WeightSource, separation_problem
 from neft_lab.neurons.selection import Budget, budget_share, check_pooling, select
 
 logger = logging.getLogger(__name__)
@@ -400,8 +400,10 @@ def build_neuron_set(
                 f"selection.method={method} needs neuron scores: run it through `python -m neft_lab` (which runs "
                 "the reference and scoring stages first) or give selection.scores=<scores.safetensors>"
             )
-        scores, info = scores_io.load(scores_path, expected=scores_key(cfg))
+        scores, info = scores_io.load(scores_path, expected=scores_key(cfg), space=space)
         scorer = info["scorer"]
+        if (problem := separation_problem(scores, scorer)) is not None:
+            logger.warning("%s", problem)
         # select() takes the lowest first (the paper's cosine); a scorer whose highest are its most important
         # is ranked by the negated scores, so method=cosine/reverse mean "most/least affected first" for every scorer
         ranked = {k: -v for k, v in scores.items()} if HIGHER_IS_SELECTED[scorer] else scores
@@ -455,6 +457,33 @@ def selection_files(sel: DictConfig, method: str) -> list[str]:
     return [str(f) for f in files]
 
 
+def check_budget_fits(cfg: DictConfig, budget: Budget) -> None:
+    """A budget above what the model's selectable vectors hold is refused from the model's shapes (a meta
+    skeleton: no weights), before a reference run is spent on it. Skipped when the model's config is not on
+    this machine (a hub id not yet downloaded): the check then runs once the model is loaded."""
+    from neft_lab.models.loading import parameter_count
+
+    skeleton = _skeleton(cfg)
+    if skeleton is None:
+        return
+    space = NeuronSpace.from_model(skeleton, cfg.selection.modules)
+    budget.parameters(space, parameter_count(skeleton), skeleton)
+
+
+def _skeleton(cfg: DictConfig) -> nn.Module | None:
+    """The model's modules and shapes (no weights) when its config is on this machine, else None."""
+    from neft_lab.models.loading import local_model_config_available, model_skeleton
+
+    if not local_model_config_available(cfg.model):
+        return None
+    try:
+        return model_skeleton(cfg.model)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - an unreadable config is reported when the model loads, with its own fix
+        return None
+
+
 def check_selection(cfg: DictConfig) -> None:
     """What a NeFT selection can be checked for before any model is loaded or reference run starts:
     the method, the files it reads, the budget's kind and range, the pooling, the reference run's settings."""
@@ -467,11 +496,14 @@ def check_selection(cfg: DictConfig) -> None:
             NeuronSet.load(file)  # a truncated or damaged file stops here, before any model is loaded
         return
     check_pooling(value_of(cfg, "selection.pooling"))
+    if "seed" in sel:
+        require_int(cfg, "selection.seed", 0)
     kind = value_of(cfg, "selection.budget.kind")
     raw = OmegaConf.to_container(sel.budget, resolve=False).get("value")
     key = "budget" if kind == "share" and "${budget}" in str(raw) else "selection.budget.value"
     value = number(value_of(cfg, "selection.budget.value"), key, "a number", lambda v: True)
     Budget(str(kind), value).check(key)
+    check_budget_fits(cfg, Budget(str(kind), value))
     if method == "cosine_plus_reverse":
         reverse = value_of(cfg, "selection.reverse_share")
         if isinstance(reverse, str) and reverse.startswith("paper_"):
@@ -485,6 +517,10 @@ def check_selection(cfg: DictConfig) -> None:
     if given:  # a scores file from stage=score: it must exist and be one (its key is checked when it is read)
         if not Path(str(given)).expanduser().is_file():
             raise ConfigError(f"selection.scores={given}: no such file (make one with stage=score)")
+        skeleton = _skeleton(cfg)
+        if skeleton is not None:  # intact, finite and one score per vector of this model: before any work
+            space = NeuronSpace.from_model(skeleton, cfg.selection.modules)
+            scores_io.load(Path(str(given)).expanduser(), space=space)
         return
     if reference_run(cfg) is not None:  # a finished full fine-tune given as the reference
         finished_reference_run(cfg, reference_run(cfg))

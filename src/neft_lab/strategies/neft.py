@@ -10,10 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
 from neft_lab.errors import ConfigError
+from neft_lab.integrity import HASH_KEY, content_hash
 from neft_lab.io import apply_umask, atomic_dir
 from neft_lab.models.loading import parameter_count
 from neft_lab.neurons import sliced
@@ -36,6 +38,7 @@ class NeftStrategy(TrainingStrategy):
         self.export_merged, self.export_delta = export_merged, export_delta
         self.neuron_set: NeuronSet | None = None
         self.base_meta: dict[str, str] = {}  # the base model's identity and hash, written into the delta
+        self.selection_settings: dict[str, Any] = {}  # what defines the method (metrics.json, stage=report)
 
     def check_config(self, cfg: Any) -> None:
         """A selection that can run (method, files, budget, reference settings) and an impl the trainer allows."""
@@ -68,9 +71,10 @@ class NeftStrategy(TrainingStrategy):
         if ctx.run_dir is not None and launched_as_rank_zero():  # every rank selects the same set
             neuron_set.save(Path(ctx.run_dir) / "neuron_set")
         summary = neuron_set.summary(total)
+        self.selection_settings = selection_settings(neuron_set, ctx.cfg)
         logger.info(
             "neuron set (%s): %s vectors, %s parameters = %.3f%% of all parameters, %.1f%% of the %s vectors",
-            neuron_set.meta.get("method"),
+            _describe(self.selection_settings),
             f"{summary['vectors']:,}",
             f"{summary['parameters']:,}",
             100 * summary["share_of_all_parameters"],
@@ -108,7 +112,8 @@ class NeftStrategy(TrainingStrategy):
         if self.neuron_set is not None:
             out.update(
                 impl=self.impl,
-                selection=self.neuron_set.meta.get("method"),
+                selection=selection_label(self.selection_settings),
+                selection_settings=self.selection_settings,
                 neuron_vectors=self.neuron_set.num_vectors,
                 neuron_parameters=self.neuron_set.num_parameters,
                 neuron_percent=100 * self.neuron_set.num_parameters / max(base_parameters, 1),
@@ -122,10 +127,16 @@ class NeftStrategy(TrainingStrategy):
         sliced.sync(model)
         if self.export_delta:
             tmp = out_dir.parent / ".neft_delta.safetensors.tmp"
+            tensors = {k: v.contiguous() for k, v in sliced.delta_state(model).items()}
             save_file(
-                {k: v.contiguous() for k, v in sliced.delta_state(model).items()},
+                tensors,
                 str(tmp),
-                metadata={"format": sliced.DELTA_FORMAT, "strategy": self.name, **self.base_meta},
+                metadata={
+                    "format": sliced.DELTA_FORMAT,
+                    "strategy": self.name,
+                    **self.base_meta,
+                    HASH_KEY: content_hash(tensors),  # a flipped bit is refused when the delta is read
+                },
             )
             apply_umask(tmp)  # safetensors writes 0600
             tmp.replace(out_dir.parent / "neft_delta.safetensors")
@@ -135,6 +146,48 @@ class NeftStrategy(TrainingStrategy):
                 model.save_pretrained(tmp_dir, safe_serialization=True)
                 tokenizer.save_pretrained(tmp_dir)
         return out_dir
+
+
+def selection_settings(neuron_set: NeuronSet, cfg: Any = None) -> dict[str, Any]:
+    """Every selection setting that makes one NeFT method differ from another (metrics.json's
+    `selection_settings`; `stage=report` keeps runs that differ in any of them in separate rows): the scorer,
+    the method, the budget, the pooling, the neuron kinds, and the reference run's K and horizon (reference
+    scorers only). From the neuron set's own record, so a set read from a file reports how it was made."""
+    meta = neuron_set.meta
+    method = meta.get("method")
+    budget = meta.get("budget") if isinstance(meta.get("budget"), dict) else {}
+    reverse = None
+    if method == "cosine_plus_reverse" and cfg is not None:
+        reverse = OmegaConf.select(cfg, "selection.reverse_share", default=None)
+    return {
+        "scorer": None if method == "random" else meta.get("scorer"),
+        "method": method,
+        "budget_kind": budget.get("kind"),
+        "budget_value": budget.get("value"),
+        "pooling": meta.get("pooling"),
+        "modules": list(neuron_set.space.kinds),
+        "reference_steps": meta.get("reference_steps"),
+        "reference_horizon": meta.get("reference_horizon"),
+        "reverse_share": reverse,
+    }
+
+
+def selection_label(settings: dict[str, Any]) -> str | None:
+    """metrics.json's `selection`: the method for the paper's cosine scorer (cosine, reverse, random, ...), the
+    scorer for another scorer's most affected vectors (gradient, lora_reference, probe, activation_ridge), both
+    otherwise (gradient_reverse, gradient_plus_reverse)."""
+    method, scorer = settings.get("method"), settings.get("scorer")
+    if scorer in (None, "cosine") or method in ("random", "from_file", "union"):
+        return method
+    if method == "cosine":
+        return scorer
+    return f"{scorer}_{method.removeprefix('cosine_')}"
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    label = selection_label(settings)
+    scorer = settings.get("scorer")
+    return f"{label}, scorer {scorer}" if scorer and scorer != label else str(label)
 
 
 def base_identity(model_cfg: Any) -> dict[str, str]:

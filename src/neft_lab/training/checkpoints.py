@@ -8,15 +8,14 @@
   of every member of its zip is checked (torch itself would read damaged tensor bytes silently).
 - `resumable_checkpoint` checks that `last.ckpt` loads before resuming from it and otherwise falls
   back to the newest checkpoint that does, saying so.
-- `PreemptionCheckpoint` saves `last.ckpt` when Lightning stops on SIGTERM (SIGUSR1 is treated alike
-  outside SLURM, where Lightning's auto-requeue owns it), so a preempted job loses at most one step.
+- Stopping on SIGTERM/SIGUSR1/Ctrl-C at a step boundary, with `last.ckpt` saved there, is
+  `training.stops.StepBoundaryStop`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ LAST = "last.ckpt"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` into a temporary sibling, fsync, rename; `torch.load(weights_only=True)`.
 
-    One step, one file: Lightning writes `last.ckpt` before validation and the new best checkpoint after
-    it, at the same step — two full copies of one state. When the best follows `last.ckpt` at the same
-    step, `last.ckpt` becomes a second name (a hard link) of the best file, whose state is the later one
-    (it already records itself as the best). Every later write replaces a name by rename, so the other
+    One step, one file: `last.ckpt` and a new best checkpoint of the same step are two full copies of one
+    state. `last.ckpt` becomes a second name (a hard link) of the best file: written after the best (a step
+    with a validation: `training.stops.LastCheckpoint`), it is linked instead of written; written before it
+    (a stop at that step), it is replaced by a link to the best file, whose state is the later one (it
+    already records itself as the best). Every later write replaces a name by rename, so the other
     name keeps its file; damage done *in place* to that one file would reach both names (docs: README,
     "Reliability"). Where the filesystem has no hard links, the two copies stay.
     """
@@ -47,24 +47,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self._last_written: tuple[Path, int] | None = None  # last.ckpt written by this process, at this step
+        self._best_written: tuple[Path, int] | None = None  # the other checkpoint written last, at this step
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
+        step = int(checkpoint.get("global_step", -1))
+        best, best_step = self._best_written or (path, None)  # last.ckpt after the best of its step: a link
+        if path.name == LAST and best_step == step and best.parent == path.parent and _link_over(best, path):
+            self._last_written = (path, step)
+            return
         with atomic_file(path, "wb") as handle:
             torch.save(checkpoint, handle)
-        step = int(checkpoint.get("global_step", -1))
         if path.name == LAST:
             self._last_written = (path, step)
-        elif self._last_written == (path.parent / LAST, step):
-            _link_over(path, path.parent / LAST)
+        else:
+            self._best_written = (path, step)
+            if self._last_written == (path.parent / LAST, step):
+                _link_over(path, path.parent / LAST)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_checkpoint(path, map_location or "cpu")
 
 
-def _link_over(source: Path, target: Path) -> None:
+def _link_over(source: Path, target: Path) -> bool:
     """Make `target` a hard link to `source`, atomically (link beside it, then rename over it)."""
     tmp = target.with_name(f".{target.name}.link-tmp")
     try:
@@ -74,6 +81,8 @@ def _link_over(source: Path, target: Path) -> None:
     except OSError as err:  # no hard links here (some network filesystems): keep both copies
         tmp.unlink(missing_ok=True)
         logger.debug("cannot link %s to %s (%s): keeping both copies", target.name, source.name, err)
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -110,54 +119,95 @@ def _readable(path: Path) -> dict[str, Any] | None:
 def resumable_checkpoint(checkpoints: Path) -> Path | None:
     """The checkpoint to resume from, checked and with its saved paths pointing into this folder.
 
-    `last.ckpt` if it loads, else the newest readable checkpoint of the folder (with a warning), else None.
-    Lightning records absolute paths (best model, top-k, last): a copied or moved run folder would restore,
-    compare against or export the *old* folder's files, so they are re-pointed here (names kept).
+    `last.ckpt` if it loads, else the newest readable checkpoint of the folder (with a warning: a kill may
+    have lost or broken `last.ckpt` while the best checkpoint beside it is intact), else None.
+    Lightning records absolute paths (best model, top-k, last) that it later compares, restores and *deletes*:
+    every one is reduced to `<checkpoints>/<its file name>` (or dropped), whatever the checkpoint says.
     """
     last = checkpoints / LAST
-    if not last.exists():
+    others = sorted(p for p in checkpoints.glob("*.ckpt") if p != last) if checkpoints.is_dir() else []
+    if not last.exists() and not others:
         return None
-    path, state = last, _readable(last)
+    path, state = last, _readable(last) if last.exists() else None
     if state is None:
-        steps = [
-            (int(s.get("global_step", -1)), p)
-            for p in checkpoints.glob("*.ckpt")
-            if p != last and (s := _readable(p))
-        ]
+        steps = [(int(s.get("global_step", -1)), p) for p in others if (s := _readable(p))]
         if not steps:
             raise ConfigError(
-                f"{last} is truncated or corrupted and no other checkpoint in {checkpoints} is readable: "
-                "start over with resume=false (this removes the broken checkpoints)"
+                f"{last} is {'truncated or corrupted' if last.exists() else 'missing'} and no other checkpoint in "
+                f"{checkpoints} is readable: start over with resume=false (this removes the broken checkpoints)"
             )
         step, path = max(steps)
         logger.warning(
-            "%s is truncated or corrupted: resuming from %s (step %d) instead", last, path.name, step
+            "%s is %s: resuming from %s (step %d) instead",
+            last,
+            "truncated or corrupted" if last.exists() else "missing",
+            path.name,
+            step,
         )
         state = load_checkpoint(path)
     _relocate(path, state, checkpoints)
     return path
 
 
+def _own_path(value: Any, checkpoints: Path) -> str:
+    """A recorded checkpoint path as `<checkpoints>/<its file name>`; "" for anything that is not a .ckpt name."""
+    name = Path(str(value)).name if value else ""
+    return str(checkpoints / name) if name.endswith(".ckpt") and name not in (".", "..") else ""
+
+
 def _relocate(checkpoint: Path, state: dict[str, Any], checkpoints: Path) -> None:
-    moved = False
+    here = Path(os.path.realpath(checkpoints))  # what ModelCheckpoint compares its dirpath with
+    changed = False
     for callback_state in (state.get("callbacks") or {}).values():
-        old = callback_state.get("dirpath") if isinstance(callback_state, dict) else None
-        if not old or Path(old) == checkpoints:
+        if not isinstance(callback_state, dict) or "dirpath" not in callback_state:
             continue
-        moved = True
-        here = {key: str(checkpoints / Path(value).name) if value else value
-                for key, value in callback_state.items() if key.endswith("_path") and isinstance(value, str)}  # fmt: skip
-        callback_state.update(here, dirpath=str(checkpoints))
+        clean = {
+            key: _own_path(value, here)
+            for key, value in callback_state.items()
+            if key.endswith("_path") and isinstance(value, str)
+        }
+        clean["dirpath"] = str(here)
         if isinstance(callback_state.get("best_k_models"), dict):
-            callback_state["best_k_models"] = {
-                str(checkpoints / Path(k).name): v for k, v in callback_state["best_k_models"].items()
+            clean["best_k_models"] = {
+                own: score
+                for k, score in callback_state["best_k_models"].items()
+                if (own := _own_path(k, here))
             }
-    if moved:
-        logger.info(
-            "the run folder moved: checkpoint paths in %s now point into %s", checkpoint.name, checkpoints
-        )
+        if any(callback_state.get(key) != value for key, value in clean.items()):
+            changed = True
+            callback_state.update(clean)
+    if changed:
+        logger.info("checkpoint paths in %s now point into %s", checkpoint.name, here)
         with atomic_file(checkpoint, "wb") as handle:
             torch.save(state, handle)
+
+
+def remove_untracked(checkpoints: Path, trainer: L.Trainer) -> list[Path]:
+    """After training: remove the checkpoints of `checkpoints` that no ModelCheckpoint tracks any more (an old
+    best that Lightning would not delete because the run resumed from it, or one a kill left behind).
+
+    Only when every ModelCheckpoint writes into `checkpoints` and keeps nothing it does not track (save_top_k
+    >= 0, and at most 1 without a monitor): otherwise the untracked files are the user's to keep."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    here = Path(os.path.realpath(checkpoints))
+    keep = {LAST}
+    for c in callbacks:
+        if c.dirpath is None or Path(os.path.realpath(c.dirpath)) != here:
+            return []
+        if c.save_top_k < 0 or (c.monitor is None and c.save_top_k > 1):
+            return []
+        tracked = (c.best_model_path, c.kth_best_model_path, c.last_model_path, *c.best_k_models)
+        keep |= {Path(p).name for p in tracked if p}
+    if not callbacks or not here.is_dir():
+        return []
+    stale = [p for p in here.glob("*.ckpt") if p.name not in keep]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed checkpoints no longer tracked: %s", ", ".join(p.name for p in stale))
+    return stale
 
 
 def best_checkpoint(checkpoints: Path, recorded: str | None) -> Path | None:
@@ -186,41 +236,3 @@ def check_writable(folder: Path) -> None:
             f"cannot write checkpoints to {folder} ({err.strerror or err}): free the disk, fix the permissions, "
             "or choose another hydra.run.dir"
         ) from None
-
-
-class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (and SIGUSR1 outside SLURM) save `<checkpoints>/last.ckpt` at the step boundary where
-    Lightning stops; the pipeline then exits non-zero and prints how to resume."""
-
-    def __init__(self, checkpoints: Path) -> None:
-        self.checkpoints = Path(checkpoints)
-        self.saved: Path | None = None
-        self._previous_usr1: Any = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if "SLURM_JOB_ID" not in os.environ and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, _as_sigterm)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        self._restore()
-        if not (trainer.received_sigterm or isinstance(exception, KeyboardInterrupt)):
-            return
-        if trainer.checkpoint_callback is None or trainer.global_step == 0:
-            return
-        self.saved = self.checkpoints / LAST
-        trainer.save_checkpoint(self.saved)
-        logger.warning("stopped at step %d: saved %s", trainer.global_step, self.saved)
-
-    def _restore(self) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
-
-
-def _as_sigterm(signum: int, frame: Any) -> None:
-    os.kill(os.getpid(), signal.SIGTERM)
