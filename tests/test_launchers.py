@@ -85,8 +85,22 @@ def test_submitit_local_sweep_writes_four_runs_and_a_report(tmp_path):
     assert "sweep: 4 jobs: 0 skipped, 0 resumed, 4 run, 0 failed" in out
     jobs = read_outcomes(sweep)
     assert len({job["pid"] for job in jobs}) == 4  # a process each (submitit's local executor)
-    assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 4
+    assert not (sweep / ".submitit").exists()  # completed jobs leave no submitit folder behind
     assert _job_logs(sweep).count(REFERENCE_RUN) == 1
+
+    # a fifth budget: the four finished jobs are skipped in the launcher, only job 4 gets a process
+    status, out = neft_lab(
+        ["-m", "hydra/launcher=local", *FAST, *NEFT, f"paths.cache_dir={tmp_path / 'cache'}",
+         "budget=0.03,0.06,0.09,0.12,0.15", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )  # fmt: skip
+    assert status == 0, out[-4000:]
+    assert "4 of 5 jobs finished before" in out
+    assert "sweep: 5 jobs: 4 skipped, 0 resumed, 1 run, 0 failed" in out
+    again = read_outcomes(sweep)
+    launcher_pids = {job["pid"] for job in again if job["outcome"] == "skipped"}
+    assert len(launcher_pids) == 1 and again[4]["pid"] not in launcher_pids  # no process for a skipped job
+    assert (sweep / "4" / "metrics.json").exists() and not (sweep / ".submitit").exists()
 
     status, out = neft_lab(["stage=report", f"report.dir={sweep}"], tmp_path)
     assert status == 0, out[-3000:]
@@ -207,9 +221,9 @@ def test_a_local_job_of_two_tasks_is_one_ddp_run(tmp_path):
     )  # fmt: skip
     assert status == 0, out[-4000:]
     assert "sweep: 1 jobs: 0 skipped, 0 resumed, 1 run, 0 failed" in out
-    task_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.out"))
-    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in task_logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in task_logs
-    assert "replicas agree after training" in _job_logs(sweep)
+    logs = _job_logs(sweep)  # both ranks log to the run folder's log (submitit's copy is removed on success)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
+    assert "replicas agree after training" in logs and not (sweep / ".submitit").exists()
     assert read_metrics(sweep / "0")["train"]["steps"] == 4
 
 
@@ -405,3 +419,11 @@ def test_best_lr_of_a_search_whose_trials_all_failed_is_refused(tmp_path):
     )
     assert main([str(tmp_path)]) == 0
     assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_skipped_jobs_leave_the_others_their_job_numbers():
+    """The launcher launches the unfinished jobs in blocks that start at their own numbers (their folders)."""
+    from neft_lab.skip_finished import contiguous_blocks
+
+    assert contiguous_blocks([0, 1, 3, 4, 7]) == [[0, 1], [3, 4], [7]]
+    assert contiguous_blocks([]) == [] and contiguous_blocks([5]) == [[5]]

@@ -76,7 +76,7 @@ def job_failed(error: BaseException) -> float:
 
 def _rank_zero() -> bool:
     """Only one process of a multi-task (DDP) job records its outcome."""
-    from neft_lab.training.distributed import launched_as_rank_zero
+    from neft_lab.ranks import launched_as_rank_zero
 
     return launched_as_rank_zero()
 
@@ -188,7 +188,7 @@ class SweepSummary(Callback):
             return
         _FAILURES.clear()
         self._before[str(config.hydra.runtime.output_dir)] = _folder_state(config)
-        _write(self._record_path(config), self._record(config, outcome=None))
+        _write(self.record_path(config), self.record(config, outcome=None))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         before = self._before.pop(str(config.hydra.runtime.output_dir), None)
@@ -201,15 +201,15 @@ class SweepSummary(Callback):
         if job_return.status == JobStatus.FAILED and error is None:
             error = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
         result = outcome(before, _folder_state(config), failed, OmegaConf.select(config, "resume"))
-        _write(self._record_path(config), self._record(config, outcome=result, error=error))
+        _write(self.record_path(config), self.record(config, outcome=result, error=error))
         _FAILURES.clear()
 
     @staticmethod
-    def _record_path(config: DictConfig) -> Path:
+    def record_path(config: DictConfig) -> Path:
         return Path(str(config.hydra.sweep.dir)) / JOBS / f"{config.hydra.job.num}.json"
 
     @staticmethod
-    def _record(config: DictConfig, **values: Any) -> dict[str, Any]:
+    def record(config: DictConfig, **values: Any) -> dict[str, Any]:
         return {
             "num": int(config.hydra.job.num),
             "dir": str(config.hydra.runtime.output_dir),
