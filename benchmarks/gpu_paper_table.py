@@ -14,7 +14,7 @@ loading the model again. On a GPU lent for minutes that start-up is most of a sh
 - evaluation runs on the training device: Lightning's teardown moves the model back to the CPU after
   `fit`, and `pipeline.fit` then scores it there (500 test sentences of greedy generation on the CPU
   would take longer than the whole table). `neft_lab.pipeline.evaluate` is wrapped to move the model first.
-  Generation runs in the model's float32 (`model.dtype=float32`; evaluation runs outside Lightning's
+  Generation runs in the model's float32 (`model.dtype=float32`, `eval.precision=32`: outside the training's
   bf16 autocast), which is what Gemma needs: bf16 generation once garbled its output on the H200.
 
     python benchmarks/gpu_paper_table.py --data .gpu_data --out benchmarks/results/paper_table_gpu.json  # CUDA
@@ -136,6 +136,7 @@ def common_overrides(args: argparse.Namespace, seed: int) -> list[str]:
         f"trainer.val_check_interval={max(1, args.steps // max(1, args.val_checks))}",
         f"loader.batch_size={args.batch}",
         f"eval.batch_size={args.eval_batch}",
+        "eval.precision=32",  # generation in the model's float32, not under the training's bf16 autocast
         f"++selection.reference.steps={args.ref_steps}",
         f"++selection.reference.lr={args.lr}",
         f"++selection.reference.batch_size={args.batch}",

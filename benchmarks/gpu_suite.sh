@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 12 on a bare CUDA machine (torch, transformers, peft, lightning, sacrebleu only): install what is
-# missing from the wheels carried beside the repo, then run the CUDA tests, the 7B-shape step benchmark and
-# the small paper table, each under its own time limit (benchmarks/gpu_suite.py). docs/gpu_runbook.md has
-# the device calls; scripts/fetch_gpu_wheels.sh fills .gpu_wheels/ and .gpu_data/ beforehand.
+# The GPU suite on a CUDA machine: install what is missing (from the wheels in .gpu_wheels/ on a machine
+# without internet), then run the CUDA tests, the 7B-shape step benchmark and the small paper table, each
+# under its own time limit (benchmarks/gpu_suite.py). docs/gpu_runbook.md says how to run and read it;
+# scripts/fetch_gpu_wheels.sh fills .gpu_wheels/ and .gpu_data/ for offline machines.
 #
 #   bash benchmarks/gpu_suite.sh install          # only install the carried wheels / data into $SITE, $STATE
 #   bash benchmarks/gpu_suite.sh                  # install, then run every item (about 8 minutes on an H200)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs and the analysis behind docs/analysis_gemma_wmt.md: Gemma-3-270M on WMT zh→en, CPU, 2 threads.
 # Per seed (SEEDS, default "0 1"): a NeFT 3% run, a random-neuron 3% run and a full fine-tune (NeFT's reference
-# run: same data, steps, batch, lr and seed, kept in the cache), 40 steps of batch 4 each (160 training
+# run: same data, steps, batch, lr and seed, kept whole in the cache), 40 steps of batch 4 each (160 training
 # sentences, one epoch; prompts cut to 96 tokens, targets to 64, to fit the shared 2-core CPU), then
 # stage=analyze of base vs each over the first 100 WMT21 test sentences with the authors' statistic (the
 # defaults of conf/config.yaml: Pearson with the mean state of each model's own greedy output, the outputs of
@@ -39,7 +39,8 @@ copy() {  # an analysis folder's figures and JSON summaries (not the per-vector 
 FIRST=""
 for SEED in $SEEDS; do
   RUNS="$OUT/seed$SEED"
-  time python -m neft_lab "${COMMON[@]}" seed="$SEED" strategy=neft hydra.run.dir="$RUNS/neft"   # + the full reference run
+  time python -m neft_lab "${COMMON[@]}" seed="$SEED" strategy=neft selection.reference.keep=full \
+    hydra.run.dir="$RUNS/neft"   # + the full reference run, its whole model kept (the default keeps the scored matrices)
   time python -m neft_lab "${COMMON[@]}" seed="$SEED" strategy=random_neuron hydra.run.dir="$RUNS/random"
   # the reference run's folder, as the NeFT run's log names it (run now, or found in the cache)
   FULL=$(grep -h -o -E "(reference run dir: |neuron scores from cache: ).*" "$RUNS"/neft/*.log | tail -1 |

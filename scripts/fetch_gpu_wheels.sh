@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with PyPI, what the GPU machine lacks (it reaches no registry): wheels into
-# .gpu_wheels/ and the WMT zh→en files into .gpu_data/, both ignored through .git/info/exclude and carried
-# by the device calls of docs/gpu_runbook.md. Then checks that each planned call fits the 64 MiB limit.
+# .gpu_wheels/ and the WMT zh→en files into .gpu_data/, both ignored through .git/info/exclude, to copy to
+# it (docs/gpu_runbook.md, "Machines without internet"). Then checks that each bundle fits 64 MiB (a limit of
+# the transfer tool this project's GPU machine is reached through).
 #
 #   bash scripts/fetch_gpu_wheels.sh              # everything (~236 MB of Gemma-3-270M GGUF parts included)
 #   GEMMA=0 bash scripts/fetch_gpu_wheels.sh      # without Gemma: the tests and the step benchmark only
@@ -69,7 +70,7 @@ check() {  # a call's name, then the paths it carries
   [[ $total -le $LIMIT ]]
 }
 ok=0
-if [[ $GEMMA != 0 ]]; then  # docs/gpu_runbook.md: parts 2-4 alone, then the suite with base, part 1, data
+if [[ $GEMMA != 0 ]]; then  # bundles: parts 2-4 alone, then the suite with base, part 1, data
   check call1 .gpu_wheels/gemma2 || ok=1
   check call2 .gpu_wheels/gemma3 || ok=1
   check call3 .gpu_wheels/gemma4 || ok=1

@@ -236,10 +236,17 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
         folders[name] = root / "runs" / name
         run(
             compose(
-                [*TINY, f"strategy={strategy}", f"paths.run_dir={folders[name]}", f"paths.cache_dir={cache}"]
+                [
+                    *TINY,
+                    f"strategy={strategy}",
+                    f"paths.run_dir={folders[name]}",
+                    f"paths.cache_dir={cache}",
+                    "selection.reference.keep=full",
+                ]
             )
         )
-    (folders["full"],) = (cache / "neft").glob("*/reference")  # the NeFT reference run: full FT, 10 steps
+    # the NeFT reference run: full FT, 10 steps (keep=full: its whole model stays, not only the scored matrices)
+    (folders["full"],) = (cache / "neft").glob("*/reference")
     folders["root"], folders["cache"] = root, cache
     return folders
 

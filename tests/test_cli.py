@@ -97,6 +97,35 @@ def test_bad_input_exits_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.bad_input
+def test_a_config_error_is_refused_before_torch_and_lightning_are_imported(tmp_path):
+    """The config is checked before the heavy imports (seconds on a busy machine): a typo costs about a second.
+    `-X importtime` lists every module the process imported, on stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NEFT_LAB_ROOT": str(tmp_path)}
+    for bad in (
+        "optim.lr=abc",
+        "trainer.max_steps=0",
+        "seed=-1",
+        "eval.precision=fp8",
+        "optim.scheduler=cosin",
+    ):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "neft_lab", "model=tiny", "logger=none", bad],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2 and f"neft_lab error: {bad.split('=')[0]}=" in done.stderr, done.stderr[
+            -2000:
+        ]
+        imported = {
+            line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line
+        }
+        assert not imported & {"torch", "lightning", "transformers"}, bad
+    assert list((tmp_path / "outputs" / "failed").rglob("__main__.log"))  # the folder set aside, log named
+
+
+@pytest.mark.bad_input
 def test_mistyped_key_suggests_the_closest_in_one_line(tmp_path):
     """`optim.lrr=1e-4` is refused before the job starts: exit 2, one line naming the closest key, no traceback
     (not Hydra's "append with +" hint); group choices on the command line count (strategy=lora has strategy.r)."""

@@ -25,8 +25,9 @@ from neft_lab.errors import ConfigError
 from neft_lab.models.loading import load_pretrained
 from neft_lab.models.tiny import build_tiny_model
 from neft_lab.neurons.neuron_set import NeuronSet
+from neft_lab.ranks import launched_as_rank_zero
 from neft_lab.strategies import StrategyContext, build_strategy
-from neft_lab.training.distributed import check_replicas_agree, launched_as_rank_zero, uses_fsdp2
+from neft_lab.training.distributed import check_replicas_agree, uses_fsdp2
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available in this torch build"

@@ -130,3 +130,16 @@ def test_settings_of_other_stages_do_not_block_a_resume():
     }
     assert config_differences(saved, new) == []
     assert config_differences(saved, {**new, "optim": {"lr": 3e-5}}) == ["optim.lr: 1e-05 → 3e-05"]
+
+
+def test_a_moved_model_cache_does_not_block_a_resume():
+    """NEFT_LAB_CACHE (paths.cache_dir, and model.cache_dir below it) says where downloads and conversions are
+    kept, not what trains: a run resumes after the cache moved. The model itself still blocks it."""
+    from neft_lab.run_folder import config_differences
+
+    saved = {"model": {"name": "gemma3_270m", "cache_dir": "/root/.cache/neft_lab"}}
+    new = {"model": {"name": "gemma3_270m", "cache_dir": "/data/cache/neft_lab"}}
+    assert config_differences(saved, new) == []
+    assert config_differences(saved, {"model": {**new["model"], "name": "tiny"}}) == [
+        "model.name: 'gemma3_270m' → 'tiny'"
+    ]

@@ -31,10 +31,13 @@ def main(cfg: DictConfig) -> float | None:
 
 def _run_job(cfg: DictConfig, multirun: bool) -> float | None:
     from neft_lab.errors import ConfigError
-    from neft_lab.pipeline import log_to_run_log, run
+    from neft_lab.run_folder import log_to_run_log
     from neft_lab.sweep_summary import job_failed
 
     try:
+        _validate_before_imports(cfg)
+        from neft_lab.pipeline import run
+
         return run(cfg)
     except ConfigError as err:  # a mistake the user can fix: say what and how, no traceback
         log_to_run_log(logging.ERROR, f"neft_lab error: {err}")  # the run log; the console once, on stderr
@@ -56,6 +59,28 @@ def _run_job(cfg: DictConfig, multirun: bool) -> float | None:
         if multirun and err.code in (0, None):
             return None
         raise  # a preempted job (143) or a requeue by submitit: the sweep stops, a rerun resumes it
+
+
+def _validate_before_imports(cfg: DictConfig) -> None:
+    """Check the config before torch, transformers and Lightning are imported (seconds on a busy machine), so a
+    typo is refused in about a second; the folder Hydra made is set aside as `pipeline.run` does."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from neft_lab import run_folder
+    from neft_lab.errors import ConfigError
+    from neft_lab.ranks import launched_as_rank_zero
+    from neft_lab.validation import validate
+
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        folder = run_folder.hydra_output_dir() if launched_as_rank_zero() else None
+        if folder is not None:
+            output_dir = Path(str(OmegaConf.select(cfg, "paths.output_dir", default=None) or "outputs"))
+            run_folder.after_failure(err, cfg, folder, output_dir, keep=False)
+        raise
 
 
 STORAGE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EFBIG"}

@@ -1,10 +1,13 @@
 """`python -m neft_lab.cache`: what the cache holds, and room made in it.
 
 The cache (`paths.cache_dir`: $NEFT_LAB_CACHE, else ~/.cache/neft_lab) keeps, per NeFT reference config, the
-reference run (a full model copy and its checkpoints: 1.1 GB for Gemma-3-270M, ~13 GB for a 7B model) and the
-neuron scores computed from it (kilobytes to megabytes), and converted models (`models/`). Scores are what a
-rerun needs; reference weights only serve later analysis (`stage=analyze` of the reference) and another K of
-the same run, so they are what to drop first.
+reference run and the neuron scores computed from it (kilobytes to megabytes), and converted models (`models/`).
+Once scored, a reference keeps only the weight matrices its scores were made from (`selection.reference.keep=
+scored`, the default; `neurons/reference_weights.py`): Gemma-3-270M's up/down matrices, 189 MB, where the
+exported model is 1.1 GB (Llama-2-7B in bf16: 5.8 GB of 13.5 GB); `keep=full` keeps the whole model (for
+`stage=analyze` of the reference), a horizon's `snapshots/` keep resumable checkpoints for another K. Scores
+are what a rerun needs; reference weights only serve a rescoring, the analysis and another K of the same run,
+so they are what to drop first.
 
     python -m neft_lab.cache list                       # every entry: size, age, what it holds
     python -m neft_lab.cache prune --weights            # drop reference weights and checkpoints, keep scores
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+
+from neft_lab.neurons import reference_weights
 
 SCORES = ("scores.safetensors", "scores.json")
 WEIGHTS = ("reference", "snapshots")  # in an entry or its K<steps>/ subfolders: the reference run's folders
@@ -68,6 +73,17 @@ class Entry:
         return [home / name for home in homes for name in WEIGHTS if (home / name).exists()]
 
     @property
+    def compact_kinds(self) -> list[str]:
+        """The kinds of matrices the entry's compact references hold (empty: none is compact)."""
+        kinds: list[str] = []
+        for folder in self.weight_folders:
+            held = (
+                reference_weights.compact_metadata(folder / "export") if folder.name == "reference" else None
+            )
+            kinds += [k for k in (held or {}).get("kinds", []) if k not in kinds]
+        return kinds
+
+    @property
     def scores(self) -> list[Path]:
         return sorted(p for p in self.path.rglob("scores.safetensors"))
 
@@ -77,7 +93,10 @@ class Entry:
         holds = []
         if self.kind == "neft":
             holds.append(f"{len(self.scores)} scores file(s)")
-            holds.append(f"reference weights {human(weights)}" if weights else "no reference weights")
+            compact = f" (compact reference: {', '.join(self.compact_kinds)})" if self.compact_kinds else ""
+            holds.append(
+                f"reference weights {human(weights)}{compact}" if weights else "no reference weights"
+            )
         else:
             holds.append("converted model")
         return f"{human(size_of(self.path)):>9}  {days:6.1f} d  {self.kind:5}  {self.path.name}  ({', '.join(holds)})"

@@ -30,8 +30,8 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from neft_lab.errors import ConfigError
+from neft_lab.neurons import reference_weights, workflow
 from neft_lab.neurons import scores_file as scores_io
-from neft_lab.neurons import workflow
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 
@@ -97,18 +97,45 @@ def reference(cfg: DictConfig) -> Path:
         return given / "export"
     folder = workflow.cache_folder(cfg)
     export = workflow.reference_export(cfg)
-    if _exported(export):
-        logger.info("reference model from cache: %s", export)
+    if _exported(export, cfg, say=True):
+        held = reference_weights.compact_metadata(export) if reference_weights.is_compact(export) else None
+        what = f" (compact: the {'/'.join(held['kinds'])} matrices the scores were made from)" if held else ""
+        logger.info("reference model from cache: %s%s", export, what)
         return export
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):
-        if not _exported(export):  # another job may have finished it while we waited
+        if not _exported(export, cfg):  # another job may have finished it while we waited
+            # a compact export that cannot serve this config: its run is made again
+            if reference_weights.is_compact(export):
+                shutil.rmtree(export.parent)
             _run_reference(cfg, folder)
     return export
 
 
-def _exported(export: Path) -> bool:
-    return (export / "config.json").exists() or (export / "adapter_config.json").exists()
+def _exported(export: Path, cfg: DictConfig, say: bool = False) -> bool:
+    """Whether `export` serves this config: a whole model (full; lora_reference: its adapter), or the compact
+    form (`reference_weights`) when it holds every matrix the config scores and the config does not ask for
+    the whole model (`selection.reference.keep=full`). `say`: log why a compact one cannot."""
+    if (export / "config.json").exists() or (export / "adapter_config.json").exists():
+        return True
+    if not reference_weights.is_compact(export):
+        return False
+    held = reference_weights.compact_metadata(export)
+    lacking = [k for k in cfg.selection.modules if held is not None and k not in held["kinds"]]
+    if held is None:
+        why = f"its {reference_weights.FILE} is damaged"
+    elif lacking:
+        why = f"it lacks the {'/'.join(lacking)} matrices this config scores (it holds {'/'.join(held['kinds'])})"
+    elif workflow.reference_keep(cfg) == "full":
+        why = (
+            f"it keeps only the {'/'.join(held['kinds'])} matrices the scores were made from and "
+            "selection.reference.keep=full asks for the whole model"
+        )
+    else:
+        return True
+    if say:
+        logger.info("the cached reference %s cannot serve: %s; running the reference again", export, why)
+    return False
 
 
 def _run_reference(cfg: DictConfig, folder: Path) -> None:
@@ -210,6 +237,8 @@ def scores(cfg: DictConfig) -> Path:
         given_run = workflow.reference_run(cfg)
         against = f" (scored against the finished full fine-tune {given_run})" if given_run else ""
         logger.info("neuron scores from cache: %s%s", out, against)
+        if _whole_reference_wanted(cfg):  # keep=full on an entry kept compact: the reference runs again
+            reference(cfg)
         return out
     reference_model = reference(cfg) if workflow.scorer_of(cfg) in workflow.REFERENCE_SCORERS else None
     folder.mkdir(parents=True, exist_ok=True)
@@ -226,13 +255,45 @@ def scores(cfg: DictConfig) -> Path:
             "vectors": sum(int(v.numel()) for v in computed.values()),
         }
         scores_io.save(out, computed, key, info)
-        if (
-            reference_model is not None
-            and not cfg.selection.reference.keep
-            and workflow.reference_run(cfg) is None
-        ):
-            shutil.rmtree(reference_model.parent, ignore_errors=True)
+        if reference_model is not None and workflow.reference_run(cfg) is None:
+            _trim_reference(cfg, reference_model)
     return out
+
+
+def _trim_reference(cfg: DictConfig, export: Path) -> None:
+    """Once scored, the cached reference run keeps what `selection.reference.keep` says: scored (the default)
+    the matrices the scores were made from, in compact form (`reference_weights`); full its whole export;
+    none nothing. Its checkpoints (an interrupted run's) go in every case; a horizon's snapshots stay."""
+    run_folder = export.parent
+    keep = workflow.reference_keep(cfg)
+    if keep == "none":
+        shutil.rmtree(run_folder, ignore_errors=True)
+        logger.info("reference run removed once scored (selection.reference.keep=none): %s", run_folder)
+        return
+    shutil.rmtree(run_folder / "checkpoints", ignore_errors=True)
+    if keep == "full" or workflow.scorer_of(cfg) != "cosine" or not (export / "config.json").exists():
+        return  # the whole model, a LoRA adapter (lora_reference: all of it is read), or already compact
+    from neft_lab.cache import human
+
+    info = reference_weights.compact(export, list(cfg.selection.modules))
+    logger.info(
+        "reference weights: kept the %s matrices the scores were made from (%s of the %s export) in %s; "
+        "selection.reference.keep=full keeps the whole model",
+        "/".join(info["kinds"]),
+        human(info["bytes"]),
+        human(info["export_bytes"]),
+        export / reference_weights.FILE,
+    )
+
+
+def _whole_reference_wanted(cfg: DictConfig) -> bool:
+    """`selection.reference.keep=full` where this config's cached reference was kept compact."""
+    return (
+        workflow.scorer_of(cfg) in workflow.REFERENCE_SCORERS
+        and workflow.reference_run(cfg) is None
+        and workflow.reference_keep(cfg) == "full"
+        and reference_weights.is_compact(workflow.reference_export(cfg))
+    )
 
 
 def _fresh(path: Path, key: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +27,9 @@ from neft_lab.evaluation.evaluate import autocast_dtype, evaluate, format_metric
 from neft_lab.integrity import check_finite_weights
 from neft_lab.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
-from neft_lab.neurons import sliced
+from neft_lab.neurons import reference_weights, sliced
+from neft_lab.ranks import launched_as_rank_zero
+from neft_lab.results import main_metric
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
 from neft_lab.threads import apply_threads
 from neft_lab.training import checkpoints
@@ -40,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 _DEPTH = [0]  # > 0 while a run is going on in this process: the NeFT reference run is nested in its run
-# They write elsewhere (the selection stages: into the cache, stage=select to selection.out): the folder Hydra
-# made for them is removed.
-NO_FOLDER_STAGES = ("report", "export", "analyze", "reference", "score", "select")
 
 
 def nested_run() -> bool:
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> float | None:
     `<paths.output_dir>/failed/...` and names that log in the error (run_folder.set_aside_failed).
     """
     # the launching process only: DDP ranks it starts rerun the command in the same folder
-    folder = run_folder.hydra_output_dir() if _DEPTH[0] == 0 and _is_global_rank_zero() else None
+    folder = run_folder.hydra_output_dir() if _DEPTH[0] == 0 and launched_as_rank_zero() else None
     output_dir = Path(str(OmegaConf.select(cfg, "paths.output_dir", default=None) or "outputs"))
     state: dict[str, Any] = {"folder": folder, "cfg": cfg}
     _DEPTH[0] += 1
@@ -74,7 +75,7 @@ def run(cfg: DictConfig) -> float | None:
             signals.report(err)
         if state["folder"] is not None:  # a stopped run's folder stays where the hint says
             keep = state.get("keep", False) or (stopped and signals.current_run_dir() is not None)
-            _set_aside_failed(err, cfg, state["folder"], output_dir, keep=keep)
+            run_folder.after_failure(err, cfg, state["folder"], output_dir, keep=keep)
         raise
     finally:
         _DEPTH[0] -= 1
@@ -82,34 +83,9 @@ def run(cfg: DictConfig) -> float | None:
             signals.set_run_dir(None)
         if state.get("lock") is not None:
             state["lock"].release()
-    if state["folder"] is not None and OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:
+    if state["folder"] is not None and OmegaConf.select(cfg, "stage") in run_folder.NO_FOLDER_STAGES:
         run_folder.discard(state["folder"], output_dir)
     return result
-
-
-def _set_aside_failed(
-    err: BaseException, cfg: DictConfig, folder: Path, output_dir: Path, keep: bool
-) -> None:
-    if isinstance(err, SystemExit) and err.code in (0, None):
-        return
-    if OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:  # no folder, failed or not: the error says it all
-        run_folder.discard(folder, output_dir)
-        return
-    log = (None if keep else run_folder.set_aside_failed(folder, output_dir)) or run_folder.run_log(folder)
-    if log is None:
-        return
-    if isinstance(err, ConfigError) and err.args:  # the CLI prints it as one line: name the log there
-        err.args = (f"{err.args[0]} (log: {log})", *err.args[1:])
-    else:
-        err.add_note(f"log: {log}")
-
-
-def log_to_run_log(level: int, message: str) -> None:
-    """Write `message` to the command's log file only (the console shows it once, on stderr)."""
-    record = logging.getLogger("neft_lab").makeRecord("neft_lab", level, __file__, 0, message, (), None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
-            handler.handle(record)
 
 
 def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | None:
@@ -139,11 +115,11 @@ def _run(cfg: DictConfig, state: dict[str, Any], output_dir: Path) -> float | No
         run_folder.continue_log_in(state["folder"], run_dir, output_dir)  # work goes on in <run_dir>
         state.update(folder=run_dir, keep=True)  # the resumed run's folder: never set aside
     keep, state["keep"] = state.get("keep", False), True  # a folder another job works in is never set aside
-    state["lock"] = run_folder.RunFolderLock(run_dir).acquire() if _is_global_rank_zero() else None
+    state["lock"] = run_folder.RunFolderLock(run_dir).acquire() if launched_as_rank_zero() else None
     state["keep"] = keep
     finished = run_folder.prepare(cfg, run_dir)
     if finished is not None:
-        return _main_metric(finished.get("after"))
+        return main_metric(finished.get("after"))
     if cfg.stage == "fit" and not nested_run():
         signals.set_run_dir(run_dir)  # a stop from here on says how to resume this folder
     if cfg.stage == "fit" and state["lock"] is not None:  # rank 0, holding the lock
@@ -203,7 +179,52 @@ def _route_lightning_logs_through_hydra() -> None:
         rank_zero.addFilter(_NoAdverts())
 
 
-class StepProgressBar(L.pytorch.callbacks.TQDMProgressBar):
+class ProgressBar(L.pytorch.callbacks.TQDMProgressBar):
+    """Lightning's progress bar, on stderr with every other bar (tqdm's default) and the errors: Lightning's own
+    writes its redraws to stdout, which then held ~65 KB of them in a smoke NeFT run; stdout keeps the results."""
+
+    def _bar(self, desc: str, position: int, leave: bool, **extra: Any) -> Tqdm:
+        return Tqdm(
+            desc=desc,
+            position=position,
+            disable=self.is_disabled,
+            leave=leave,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            bar_format=self.BAR_FORMAT,
+            **extra,
+        )
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._bar(self.sanity_check_description, 2 * self.process_position, leave=False)
+
+    def init_train_tqdm(self) -> Tqdm:
+        return self._bar(self.train_description, 2 * self.process_position, leave=True, smoothing=0)
+
+    def init_predict_tqdm(self) -> Tqdm:
+        return self._bar(self.predict_description, 2 * self.process_position, leave=True, smoothing=0)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        has_main_bar = self.trainer.state.fn != "validate"  # no training bar under trainer.validate()
+        return self._bar(
+            self.validation_description, 2 * self.process_position + has_main_bar, leave=not has_main_bar
+        )
+
+    def init_test_tqdm(self) -> Tqdm:
+        return self._bar("Testing", 2 * self.process_position, leave=True)
+
+
+def _bars_on_stderr(callbacks: list[Any]) -> list[Any]:
+    """Lightning's own bar (named by a config, or the one it adds when none is) becomes `ProgressBar`."""
+    for callback in callbacks:
+        if type(callback) is L.pytorch.callbacks.TQDMProgressBar:
+            callback.__class__ = ProgressBar  # its settings (refresh rate, position, leave), on stderr
+    if not any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks):
+        callbacks.append(ProgressBar())
+    return callbacks
+
+
+class StepProgressBar(ProgressBar):
     """One bar over the whole run, `<label> step k/K` (K = trainer.max_steps), for step-bounded runs whose
     epochs mean nothing (the NeFT reference run: max_epochs=-1 made Lightning's default bar read 'Epoch 0/-2')."""
 
@@ -231,8 +252,15 @@ class StepProgressBar(L.pytorch.callbacks.TQDMProgressBar):
 
 
 class _NoAdverts(logging.Filter):
+    """Lightning's adverts (litlogger) and its accelerator inventory on every run: "TPU available: False, using: 0
+    TPU cores" (HPU, IPU) and, where there is no GPU, "GPU available: False, used: False". A GPU's line stays:
+    "GPU available: True (cuda), used: True" says which device the run trains on (used: False, that it is idle)."""
+
+    NOISE = ("TPU available:", "HPU available:", "IPU available:", "GPU available: False")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return "litlogger" not in message and not message.startswith(self.NOISE)
 
 
 def _summary_line(cfg: DictConfig, summary: dict[str, Any]) -> str:
@@ -284,6 +312,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # nor a progress bar callback with the bar off
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    else:  # every bar on stderr, stdout for the results
+        callbacks = _bars_on_stderr(callbacks)
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -321,13 +351,6 @@ def _evaluation_device(cfg: DictConfig) -> torch.device:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and not uses_fsdp2(cfg.trainer):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def _is_global_rank_zero() -> bool:
-    """Before the Trainer exists, the launcher's environment tells which process this is."""
-    return all(
-        int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-    )
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -376,7 +399,9 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     logger.info("%s\n%s: %s", _summary_line(cfg, summary), where, run_dir)
 
     results: dict[str, Any] = {"model": cfg.model.name, "task": task.name, "seed": cfg.seed, **summary}
-    if cfg.eval.before and _is_global_rank_zero():  # other ranks of a distributed launch would only repeat it
+    if (
+        cfg.eval.before and launched_as_rank_zero()
+    ):  # other ranks of a distributed launch would only repeat it
         model.to(_evaluation_device(cfg))  # generate on the accelerator the run trains on, not on the CPU
         results["before"], _ = _evaluate_split(cfg, model, encoder, datamodule, "before fine-tuning")
 
@@ -392,7 +417,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     except SIGTERMException:  # Lightning stops at a step boundary and would exit 0
         _preempted(trainer, cfg, run_dir)
     best = _restore_best(module, trainer, run_dir)
-    if _is_global_rank_zero():
+    if launched_as_rank_zero():
         checkpoints.remove_untracked(run_dir / "checkpoints", trainer)  # e.g. an old best resumed from
     results["train"] = {
         "steps": trainer.global_step,
@@ -427,7 +452,7 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
     atomic_write_json(run_dir / "metrics.json", results)
     _finish_loggers(trainer)
     _print_outcome(results, run_dir)
-    return _main_metric(results.get("after"))
+    return main_metric(results.get("after"))
 
 
 PREEMPTED_EXIT = signals.STOPPED_EXIT  # 128 + SIGTERM, what a scheduler expects from a job it stopped
@@ -450,15 +475,6 @@ def _best_score(trainer: L.Trainer) -> float | None:
     callback = trainer.checkpoint_callback
     score = getattr(callback, "best_model_score", None) if callback is not None else None
     return None if score is None else float(score)
-
-
-def _main_metric(metrics: dict[str, Any] | None) -> float | None:
-    if not metrics:
-        return None
-    for key in ("comet", "bleu", "rougeL", "chrf", "ifeval_prompt_strict"):
-        if metrics.get(key) is not None:
-            return float(metrics[key])
-    return None
 
 
 def _finish_loggers(trainer: L.Trainer) -> None:
@@ -551,6 +567,8 @@ def _load_for_eval(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
         return _base_plus_delta(cfg, delta)
     if path.is_dir() and (path / "export").is_dir():
         path = path / "export"
+    if path.is_dir() and reference_weights.is_compact(path) and not (path / "config.json").exists():
+        raise ConfigError(reference_weights.not_a_model(path.parent if path.name == "export" else path))
     if path.is_dir() and (path / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -612,6 +630,13 @@ def export_saved(cfg: DictConfig) -> Path:
     if _delta_file(path) is None:
         folder = path / "export" if (path / "export").is_dir() else path
         if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+            if out_setting and out.resolve() != folder.resolve():  # export.out=<folder>: a copy there
+                import shutil
+
+                with atomic_dir(out) as tmp_dir:
+                    shutil.copytree(folder, tmp_dir, dirs_exist_ok=True)
+                logger.info("%s is already a Hugging Face folder: copied to %s", folder, out)
+                return out
             logger.info("%s is already a Hugging Face folder: nothing to export", folder)
             return folder
     cfg = cfg.copy()
@@ -644,7 +669,7 @@ def evaluate_saved(cfg: DictConfig, run_dir: Path) -> float | None:
         {"model": cfg.model.name, "task": task.name, "ckpt": str(path), "after": metrics},
     )
     _print_outcome({"after": metrics, "wall_seconds": metrics["seconds"]}, run_dir)
-    return _main_metric(metrics)
+    return main_metric(metrics)
 
 
 def _with_run_config(cfg: DictConfig, path: Path) -> DictConfig:

@@ -11,6 +11,18 @@ from omegaconf import DictConfig, OmegaConf
 
 logger = logging.getLogger(__name__)
 
+
+def main_metric(metrics: dict[str, Any] | None) -> float | None:
+    """The main test metric of an evaluation's results (what a run hands a Hydra sweeper): COMET, else BLEU,
+    ROUGE-L, chrF or IFEval's prompt-level strict accuracy."""
+    if not metrics:
+        return None
+    for key in ("comet", "bleu", "rougeL", "chrf", "ifeval_prompt_strict"):
+        if metrics.get(key) is not None:
+            return float(metrics[key])
+    return None
+
+
 # row key → config key: what a run was asked to do, beside what metrics.json says it did
 SETTINGS = {
     "stage": "stage",

@@ -37,7 +37,7 @@ METRICS = "metrics.json"
 # settings of other stages (stage=analyze, stage=report), which fit never reads.
 MAY_DIFFER = (
     "resume", "threads", "paths", "logger", "callbacks", "experiment_name", "sweep_objective", "analysis", "report",
-    "trainer.enable_progress_bar", "eval.show", "eval.log_predictions",
+    "trainer.enable_progress_bar", "eval.show", "eval.log_predictions", "model.cache_dir",
 )  # fmt: skip
 # What an earlier run left that a new one would pick up (resume, restore-best, reports; csv: the training log,
 # appended to across resumes).
@@ -96,7 +96,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
                 "resume=false: starting over in %s (removed the earlier %s)", run_dir, ", ".join(removed)
             )
     elif saved_file.exists():
-        differences = config_differences(OmegaConf.to_container(OmegaConf.load(saved_file)), resolved)
+        differences = _saved_differences(saved_file, resolved)
         if differences:
             shown = "; ".join(differences[:6]) + (
                 f"; ... ({len(differences)} keys)" if len(differences) > 6 else ""
@@ -116,6 +116,23 @@ def prepare(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved_file, OmegaConf.to_yaml(cfg, resolve=True))
     return None
+
+
+def _saved_differences(saved_file: Path, resolved: dict[str, Any]) -> list[str]:
+    return config_differences(OmegaConf.to_container(OmegaConf.load(saved_file)), resolved)
+
+
+def finished_unchanged(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of the finished run in `run_dir` when `cfg` (a fit, `resume` not false) would find nothing
+    to do there (what `prepare` returns); None otherwise. Reads only: a launcher asks before starting a job."""
+    fresh = str(cfg.get("resume", "auto")).lower() in ("false", "none", "never")
+    saved_file = run_dir / CONFIG
+    if fresh or cfg.get("stage") != "fit" or not saved_file.exists():
+        return None
+    metrics = finished_metrics(run_dir)
+    if metrics is None or _saved_differences(saved_file, OmegaConf.to_container(cfg, resolve=True)):
+        return None
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,3 +432,34 @@ def command_dir(stage: Any, task: Any, strategy: Any, ckpt: Any, time: Any) -> s
     if stage == "report":
         return f"reports/{time}"
     return f"runs/{task}/{strategy}/{time}"
+
+
+# ------------------------------------------------------------------------------------------------
+# A command that failed: its folder and its log
+
+# They write elsewhere (the selection stages: into the cache, stage=select to selection.out): the folder Hydra
+# made for them is removed.
+NO_FOLDER_STAGES = ("report", "export", "analyze", "reference", "score", "select")
+
+
+def after_failure(err: BaseException, cfg: DictConfig, folder: Path, output_dir: Path, keep: bool) -> None:
+    if isinstance(err, SystemExit) and err.code in (0, None):
+        return
+    if OmegaConf.select(cfg, "stage") in NO_FOLDER_STAGES:  # no folder, failed or not: the error says it all
+        discard(folder, output_dir)
+        return
+    log = (None if keep else set_aside_failed(folder, output_dir)) or run_log(folder)
+    if log is None:
+        return
+    if isinstance(err, ConfigError) and err.args:  # the CLI prints it as one line: name the log there
+        err.args = (f"{err.args[0]} (log: {log})", *err.args[1:])
+    else:
+        err.add_note(f"log: {log}")
+
+
+def log_to_run_log(level: int, message: str) -> None:
+    """Write `message` to the command's log file only (the console shows it once, on stderr)."""
+    record = logging.getLogger("neft_lab").makeRecord("neft_lab", level, __file__, 0, message, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)

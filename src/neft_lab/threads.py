@@ -11,8 +11,6 @@ import os
 import time
 from typing import Any
 
-import torch
-
 from neft_lab.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +55,8 @@ def free_threads(cores: int, busy: float) -> int:
 
 def apply_threads(cfg: Any, on_gpu: bool = False) -> int:
     """Set torch's CPU threads from `cfg.threads` (an int, auto, or null) and return the count in use."""
+    import torch  # here, not at the top: validation imports this module before torch is needed
+
     value = cfg.get("threads") if hasattr(cfg, "get") else None
     if value is not None and str(value) != "auto":
         try:

@@ -6,7 +6,7 @@ that belong to a component live there and are called from here, so each has one 
 
 - model source, name and dtype: `models.loading.check_model_config` (`torch_dtype`);
 - precision and master dtype: `training.precision.check_precision` / `master_dtype`;
-- scheduler and clip scope: `SCHEDULES` / `CLIP_SCOPES` of `training.module`;
+- scheduler and clip scope: `SCHEDULES` / `CLIP_SCOPES` of `training.options`;
 - strategy arguments: the strategies' constructors (`build_strategy`) and their `check_config` (LoRA's
   `r=match` budget; NeFT's selection: `neurons.workflow.check_selection`, with `Budget.check`);
 - task: `Task.from_config` (metrics, prompt, token limits), `Task.check_folders` (local data folders and files)
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from neft_lab.errors import ConfigError
-from neft_lab.evaluation.evaluate import EVAL_PRECISIONS
+from neft_lab.training.options import CLIP_SCOPES, EVAL_PRECISIONS, SCHEDULES, check_master_dtype
 
 STAGES = ("fit", "eval", "report", "export", "analyze", "reference", "score", "select")  # neft_lab.pipeline
 SELECTION_STAGES = ("reference", "score", "select")  # the NeFT selection chain run apart (neft_lab.chain)
@@ -187,9 +187,6 @@ def require_int(cfg: DictConfig, key: str, minimum: int, example: int | None = N
 
 # ---- the sections ------------------------------------------------------------------------------------------
 def _check_optim(cfg: DictConfig) -> None:
-    from neft_lab.training.module import CLIP_SCOPES, SCHEDULES
-    from neft_lab.training.precision import master_dtype
-
     require_number(cfg, "optim.lr", "> 0", lambda v: v > 0, "2e-5")
     require_number(cfg, "optim.weight_decay", ">= 0", lambda v: v >= 0, "0.0")
     betas = value_of(cfg, "optim.betas")
@@ -205,7 +202,7 @@ def _check_optim(cfg: DictConfig) -> None:
             f"optim.scheduler={scheduler!r}: unknown scheduler, choose one of {sorted(SCHEDULES)}"
         )
     require_int(cfg, "optim.warmup_steps", 0)
-    master_dtype(value_of(cfg, "optim.master_dtype"))
+    check_master_dtype(value_of(cfg, "optim.master_dtype"))
     clip_scope = value_of(cfg, "optim.clip_scope")
     if clip_scope not in CLIP_SCOPES:
         raise ConfigError(f"optim.clip_scope={clip_scope!r}: unknown clip scope, choose one of {CLIP_SCOPES}")

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neft_lab.errors import ConfigError
+from neft_lab.neurons import reference_weights
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 
@@ -53,6 +54,8 @@ def read_run(path: str | Path, key: str = "analysis.runs") -> Run:
             f"{key}: {folder} holds no trained result ({' or '.join(RESULTS)}): did the run finish with "
             "export.enabled=true?"
         )
+    if reference_weights.is_compact(folder / "export") and not (folder / "neft_delta.safetensors").exists():
+        raise ConfigError(f"{key}: {reference_weights.not_a_model(folder)}")
     return Run(folder, OmegaConf.load(folder / "config.yaml"))
 
 

@@ -22,6 +22,7 @@ from neft_lab.evaluation import ifeval
 from neft_lab.evaluation import metrics as metrics_module
 from neft_lab.evaluation.generate import generate_predictions
 from neft_lab.training.loss import per_example_loss
+from neft_lab.training.options import EVAL_PRECISIONS as PRECISION_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def target_losses(
     return out
 
 
-EVAL_PRECISIONS = {"auto": None, "32": None, "bf16": torch.bfloat16, "16": torch.float16}
+EVAL_PRECISIONS = dict(zip(PRECISION_NAMES, (None, None, torch.bfloat16, torch.float16), strict=True))
 
 
 def autocast_dtype(eval_precision: Any, trainer_precision: Any) -> torch.dtype | None:

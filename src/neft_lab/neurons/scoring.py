@@ -18,13 +18,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from neft_lab.errors import ConfigError
+from neft_lab.neurons import reference_weights
 from neft_lab.neurons.geometry import NeuronSpace, model_type_of
 
 logger = logging.getLogger(__name__)
 
 
 class WeightSource:
-    """Named weights of a live model or of a Hugging Face folder of safetensors, loaded on demand."""
+    """Named weights of a live model, of a Hugging Face folder of safetensors or of a cached reference in
+    compact form (`reference_weights`: only the matrices its scores were made from), loaded on demand."""
 
     def __init__(self, source: nn.Module | str | Path) -> None:
         self.label = str(source) if not isinstance(source, nn.Module) else type(source).__name__
@@ -34,6 +36,16 @@ class WeightSource:
             self._files: dict[str, Path] = {}
             return
         folder = Path(source)
+        self._params = {}
+        if reference_weights.is_compact(folder) and not (folder / "config.json").exists():
+            held = reference_weights.compact_metadata(folder)
+            if held is None:
+                raise ConfigError(
+                    f"{folder / reference_weights.FILE} is damaged: delete {folder} to run the reference again"
+                )
+            self.model_type = str(held["model_type"])
+            self._files = dict.fromkeys(held["tensors"], folder / reference_weights.FILE)
+            return
         if not (folder / "config.json").exists():
             raise ConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
         self.model_type = model_type_of(_Config(json.loads((folder / "config.json").read_text())))
@@ -48,7 +60,6 @@ class WeightSource:
                 self._files = dict.fromkeys(handle.keys(), folder / "model.safetensors")
         else:
             raise ConfigError(f"{folder} holds no safetensors weights (model.safetensors or an index)")
-        self._params = {}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self._params:

@@ -279,6 +279,16 @@ def reference_step_folder(cfg: DictConfig) -> Path:
     return cache_folder(cfg) / f"K{int(cfg.selection.reference.steps):06d}"
 
 
+def reference_keep(cfg: DictConfig) -> str:
+    """`selection.reference.keep`: what of the cached reference run stays once its scores are written. scored
+    (the default): only the weight matrices the scores were made from (`reference_weights`); full: the whole
+    exported model (`stage=analyze` of the reference); none: nothing (the scores stay)."""
+    from neft_lab.neurons.reference_weights import keep_setting
+
+    reference = cfg.selection.get("reference")
+    return keep_setting(reference.get("keep", "scored") if reference is not None else "scored")
+
+
 def reference_export(cfg: DictConfig) -> Path:
     """Where the reference run of this config exports its model (not for selection.reference.run)."""
     if reference_horizon(cfg) is None:
@@ -533,6 +543,7 @@ def check_selection(cfg: DictConfig) -> None:
                 "the reference is the checkpoint at step K of a schedule of `horizon` steps (K <= horizon)"
             )
         reference_snapshots(cfg)
+        reference_keep(cfg)
         require_number(cfg, "selection.reference.lr", "> 0", lambda v: v > 0)
         require_int(cfg, "selection.reference.batch_size", 1)
     if scorer == "lora_reference":

@@ -22,8 +22,9 @@ from neft_lab.neurons import sliced
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 from neft_lab.neurons.workflow import build_neuron_set, check_selection
+from neft_lab.ranks import launched_as_rank_zero
 from neft_lab.strategies.base import StrategyContext, TrainingStrategy
-from neft_lab.training.distributed import launched_as_rank_zero, uses_fsdp2
+from neft_lab.training.distributed import uses_fsdp2
 
 logger = logging.getLogger(__name__)
 

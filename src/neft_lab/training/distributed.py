@@ -9,7 +9,7 @@ original (plain) model on rank 0 at the end of `fit`.
 
 After `fit` only global rank 0 goes on (`Trainer`): restoring the best checkpoint, export, test
 generation and `metrics.json` happen once, on one process. Before the Trainer exists (NeFT's
-reference run, the neuron-set file) `launched_as_rank_zero` tells the ranks apart from the
+reference run, the neuron-set file) `neft_lab.ranks.launched_as_rank_zero` tells the ranks apart from the
 launcher's environment. See docs/distributed.md.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any
 
 import lightning as L
@@ -26,17 +25,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 logger = logging.getLogger(__name__)
-
-RANK_VARIABLES = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "JSM_NAMESPACE_RANK")
-
-
-def launched_as_rank_zero() -> bool:
-    """Whether this process is global rank 0 (or the only one), judged before any process group exists.
-
-    torchrun sets RANK, SLURM's srun SLURM_PROCID, Lightning's own launcher LOCAL_RANK and NODE_RANK
-    for the processes it starts: rank 0 is the one for which all of them are 0 or unset.
-    """
-    return all(int(os.environ.get(key) or 0) == 0 for key in RANK_VARIABLES)
 
 
 def uses_fsdp2(trainer_cfg: Any) -> bool:

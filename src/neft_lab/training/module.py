@@ -24,6 +24,7 @@ from neft_lab.neurons.dense_norm import DenseGradNorm
 from neft_lab.strategies.base import TrainingStrategy
 from neft_lab.training import distributed, precision
 from neft_lab.training.loss import target_token_loss
+from neft_lab.training.options import CLIP_SCOPES, SCHEDULES
 from neft_lab.training.precision import keep_trainable_in
 
 logger = logging.getLogger(__name__)
@@ -158,9 +159,6 @@ class CausalLMModule(L.LightningModule):
         checkpoint["strategy"] = self.strategy.name
 
 
-CLIP_SCOPES = ("selected", "paper")
-
-
 def _paper_clip_norm(model: nn.Module, strategy: TrainingStrategy, scope: str) -> DenseGradNorm | None:
     """The probe for `clip_scope=paper` where the authors' clipping set is not what trains (NeFT)."""
     if scope not in CLIP_SCOPES:
@@ -202,9 +200,6 @@ def schedule_steps(trainer: L.Trainer, horizon: tuple[int, str] | None) -> int:
         trainer.fit_loop.setup_data()
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     return max(per_epoch * count, 1)
-
-
-SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup: int, total: int) -> Any:

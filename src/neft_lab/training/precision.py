@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from neft_lab.errors import ConfigError
+from neft_lab.training.options import check_master_dtype
 
 HALF = (torch.bfloat16, torch.float16)
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
@@ -30,14 +31,7 @@ TRUE_HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
 
 def master_dtype(name: str | None) -> torch.dtype | None:
     """`optim.master_dtype` as a dtype: float32 (the default) or None (train in the model's dtype)."""
-    if name in (None, "null", "none", "model"):
-        return None
-    if name in ("float32", "fp32"):
-        return torch.float32
-    raise ConfigError(
-        f"optim.master_dtype={name!r}: choose float32 (trainable tensors kept in float32, the paper's "
-        "setting) or null (train in the model's dtype)"
-    )
+    return torch.float32 if check_master_dtype(name) else None
 
 
 @torch.no_grad()
