@@ -81,11 +81,16 @@ for method in ${METHODS//,/ }; do
       ${search_ref[@]+"${search_ref[@]}"} "${search[@]}" "optim.lr=choice($grid)" "hydra.sweep.dir=$OUT/search/$method"
   best=$(python -m neft_lab.lr_search "$OUT/search/$method")   # e.g. optim.lr=0.0001
   echo "== $method: seeds $SEEDS at $best (up to $STEPS steps) =="
-  before=()
-  [ "$method" = full ] && before=(eval.before=true)   # the zero-shot score, once per seed of the first method
+  seeds=$SEEDS
+  if [ "$method" = full ]; then  # the zero-shot score (greedy decoding: the same for every seed), with the first seed
+    # shellcheck disable=SC2086  # $best is one or more overrides
+    python -m neft_lab -m "${common[@]}" "${over[@]}" "${final[@]}" eval.before=true "seed=${SEEDS%%,*}" $best \
+        "hydra.sweep.dir=$OUT/final/$method"
+    seeds=$([ "$SEEDS" = "${SEEDS#*,}" ] && echo "" || echo "${SEEDS#*,}")
+  fi
   # shellcheck disable=SC2086  # $best is one or more overrides
-  python -m neft_lab -m "${common[@]}" "${over[@]}" ${final_ref[@]+"${final_ref[@]}"} "${final[@]}" \
-      ${before[@]+"${before[@]}"} "seed=$SEEDS" $best "hydra.sweep.dir=$OUT/final/$method"
+  [ -z "$seeds" ] || python -m neft_lab -m "${common[@]}" "${over[@]}" ${final_ref[@]+"${final_ref[@]}"} "${final[@]}" \
+      "seed=$seeds" $best "hydra.sweep.dir=$OUT/final/$method"
 done
 echo "table_small_cpu: $(( ($(date +%s) - started) / 60 )) min in this invocation"
 python -m neft_lab stage=report "report.dir=$OUT/final" "report.baseline=$BASELINE"

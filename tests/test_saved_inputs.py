@@ -170,6 +170,7 @@ def test_a_delta_missing_a_layer_is_refused_by_its_hash(delta, tmp_path):
 
 # ---- Lightning .ckpt files ----------------------------------------------------------------------------------
 def _neft_state(*overrides: str) -> dict[str, torch.Tensor]:
+    """A state_dict of a run with these overrides (every tensor, named `model.<name>` as in a checkpoint)."""
     cfg = compose([*COMMON, "strategy=random_neuron", *overrides])
     tiny = dict(cfg.model.tiny)
     model, _ = build_tiny_model(**tiny)
@@ -199,6 +200,23 @@ def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, case):
     ckpt.parent.mkdir(parents=True)
     torch.save(make(), ckpt)
     _refused(tmp_path, ckpt, str(ckpt), fragment, extra=["model=tiny", "strategy=random_neuron"])
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("other", ["strategy=lora", "model.tiny.num_layers=3"])
+def test_resuming_from_a_checkpoint_of_another_run_is_one_line(tmp_path, other):
+    """A LoRA or 3-layer `last.ckpt` copied into a 2-layer random-neuron run folder: refused before training,
+    naming the checkpoint, instead of Lightning's traceback from load_state_dict."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": _neft_state(other), "global_step": 2, "epoch": 0}, ckpt)
+    with pytest.raises(ConfigError) as err:
+        run(compose([*COMMON, "model=tiny", "strategy=random_neuron", f"paths.run_dir={run_dir}",
+                     f"paths.cache_dir={tmp_path}/c", "eval.before=false"]))  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message and str(ckpt) in message and "does not fit" in message, message
+    assert not (run_dir / "metrics.json").exists()
 
 
 @pytest.mark.bad_input

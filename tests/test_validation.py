@@ -206,6 +206,17 @@ def test_gpu_trainer_without_cuda_is_refused_up_front(tmp_path, monkeypatch, ove
 
 
 @pytest.mark.bad_input
+def test_scoring_a_saved_run_on_a_gpu_without_cuda_is_refused_up_front(tmp_path, monkeypatch):
+    """stage=eval generates on trainer.accelerator: without CUDA, one line before the model loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    saved = tmp_path / "run"
+    saved.mkdir()
+    with pytest.raises(ConfigError, match=r"no CUDA GPU is visible .*trainer=cpu"):
+        validate(_cfg(tmp_path, "stage=eval", f"ckpt={saved}", "trainer=gpu"))
+    validate(_cfg(tmp_path, "stage=export", f"ckpt={saved}", "trainer=gpu"))  # export runs on the CPU
+
+
+@pytest.mark.bad_input
 def test_empty_hub_folder_is_refused_up_front(tmp_path):
     empty = tmp_path / "empty_model"
     empty.mkdir()

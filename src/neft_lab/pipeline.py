@@ -406,6 +406,12 @@ def fit(cfg: DictConfig, run_dir: Path) -> float | None:
         results["before"], _ = _evaluate_split(cfg, model, encoder, datamodule, "before fine-tuning")
 
     module = CausalLMModule(model, strategy, **OmegaConf.to_container(cfg.optim, resolve=True))
+    if resume_from and not uses_fsdp2(cfg.trainer):  # FSDP2 saves sharded state of its own layout
+        trainable = strategy.trainable_state_dict(model)
+        expected = {f"model.{k}": tuple(v.shape) for k, v in trainable.items()}
+        checkpoints.check_fits(
+            Path(resume_from), expected, f"strategy={cfg.strategy.name} on model={cfg.model.name}"
+        )
     trainer = build_trainer(cfg, run_dir)
     if trainer.checkpoint_callback is not None:
         checkpoints.check_writable(run_dir / "checkpoints")

@@ -75,6 +75,8 @@ def validate(cfg: DictConfig) -> None:
                 f"ckpt={ckpt} does not exist: give a run folder, its export/ folder, its neft_delta.safetensors "
                 "or a .ckpt file"
             )
+        if stage == "eval":  # generation runs on trainer.accelerator
+            _check_devices(cfg)
         return
     _check_optim(cfg)
     require_int(cfg, "loader.batch_size", 1, 8)

@@ -149,6 +149,33 @@ def resumable_checkpoint(checkpoints: Path) -> Path | None:
     return path
 
 
+def check_fits(checkpoint: Path, expected: dict[str, tuple[int, ...]], run: str) -> None:
+    """Refuse, in one line, a checkpoint to resume from whose tensors are not the ones this run trains (a LoRA
+    or 3-layer `last.ckpt` copied into the folder): names and shapes of `expected` (`model.<name>`). Read
+    memory-mapped: only the headers, not the weights (the CRC was checked when the checkpoint was chosen)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("state_dict")
+    if not isinstance(state, dict):
+        raise ConfigError(f"{checkpoint} has no state_dict: resume=false starts {run} over (removing it)")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{len(found)} {what} (e.g. {found[0]})"
+            for what, found in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("of another shape", reshaped),
+            )
+            if found
+        ]
+        raise ConfigError(
+            f"{checkpoint} does not fit {run}: its tensors are not the ones this run trains ({'; '.join(parts)}), "
+            "so it came from another strategy, model or neuron set. Resume the run it belongs to, or pass "
+            "resume=false to start this one over (removing it)"
+        )
+
+
 def _own_path(value: Any, checkpoints: Path) -> str:
     """A recorded checkpoint path as `<checkpoints>/<its file name>`; "" for anything that is not a .ckpt name."""
     name = Path(str(value)).name if value else ""
