@@ -27,7 +27,7 @@ from neft_lab.evaluation.evaluate import autocast_dtype, evaluate, format_metric
 from neft_lab.integrity import check_finite_weights
 from neft_lab.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, parameter_count, torch_dtype
-from neft_lab.neurons import reference_weights, sliced
+from neft_lab.neurons import delta_file, reference_weights, sliced
 from neft_lab.ranks import launched_as_rank_zero
 from neft_lab.results import main_metric
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
@@ -505,21 +505,14 @@ def _print_outcome(results: dict[str, Any], run_dir: Path) -> None:
     logger.info("\n".join(lines))
 
 
-DELTA_FILE = "neft_delta.safetensors"
+DELTA_FILE = delta_file.FILE
 
 
 def _delta_file(path: Path) -> Path | None:
-    """`path` as a NeFT delta: the file itself, or a run folder that holds one (and no merged export/)."""
+    """`path` as a NeFT delta: the file itself, or a run folder (or a `NeuronModel.save_pretrained` folder) that
+    holds one (and no merged export/)."""
     if path.is_file() and path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                fmt = (f.metadata() or {}).get("format")
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-            raise ConfigError(f"ckpt={path}: could not read it as a NeFT delta ({err})") from None
-        if fmt != sliced.DELTA_FORMAT:
-            raise ConfigError(f"ckpt={path} is a safetensors file but not a NeFT delta (format={fmt!r})")
+        delta_file.read_header(path)  # refused in one line unless it is a NeFT delta
         return path
     if path.is_dir() and not (path / "export").is_dir() and (path / DELTA_FILE).is_file():
         return path / DELTA_FILE
@@ -528,36 +521,19 @@ def _delta_file(path: Path) -> Path | None:
 
 def _base_plus_delta(cfg: DictConfig, delta_path: Path) -> tuple[torch.nn.Module, Any]:
     """The base model of `cfg.model` with the delta written in, after checking it is the base the delta was
-    trained from (the hash of the weights it touches, `sliced.base_hash`)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from neft_lab.integrity import HASH_KEY, check_content_hash
-
-    with safe_open(str(delta_path), "pt") as f:
-        meta = f.metadata() or {}
-    delta = load_file(str(delta_path))
+    trained from (the hash of the weights it touches, `sliced.base_hash`). The reader is `neurons.delta_file`,
+    the one `NeuronModel.from_pretrained` uses."""
     fix = "re-export it from its run (stage=export ckpt=<run>/checkpoints/last.ckpt) or copy an intact one"
-    check_content_hash(delta, meta.get(HASH_KEY), delta_path, fix)
+    delta, meta = delta_file.read(delta_path, fix)
     model, tokenizer = load_model(cfg.model)
     try:
         sliced.check_delta(model, delta)  # keys, module names, axes, indices, shapes: before hashing the base
     except ValueError as err:
         raise ConfigError(f"{delta_path} does not fit model={cfg.model.name}: {err}; {fix}") from None
-    expected = meta.get("base_hash")
-    if expected is None:
+    label = f"model={cfg.model.name} (dtype {cfg.model.dtype})"
+    if not delta_file.check_base(model, delta, meta, delta_path, label):
         logger.warning("%s records no base model hash (an older delta): applied without checking the base",
                        delta_path)  # fmt: skip
-    else:
-        found = sliced.base_hash(model, sliced.delta_modules(delta))
-        if found != expected:
-            raise ConfigError(
-                f"{delta_path} was trained on another base model: its base hash is {expected[:16]}, "
-                f"model={cfg.model.name} (dtype {cfg.model.dtype}) hashes {found[:16]} over the "
-                f"{len(sliced.delta_modules(delta))} weights it changes. Load the base it was trained on "
-                f"(recorded: name={meta.get('base_name')!r} name_or_path={meta.get('base_name_or_path')!r} "
-                f"source={meta.get('base_source')!r} dtype={meta.get('base_dtype')!r})"
-            )
     try:
         sliced.apply_delta(model, delta)
     except ValueError as err:

@@ -54,6 +54,9 @@ except ImportError:  # transformers is a dependency, but keep this module import
 
 IMPLS = ("fused", "delta", "masked")
 _SUFFIXES = ("indices", "vectors", "axis")
+# impl=delta's trained difference itself, beside its values (`neft_lab.library` adapters): `vectors` is
+# base + delta rounded once, so a delta impl reloads bit for bit only from this; `apply_delta` ignores it
+_OPTIONAL_SUFFIXES = ("delta",)
 
 
 @dataclass(frozen=True)
@@ -449,7 +452,7 @@ def _group_delta(delta: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in delta.items():
         module, _, suffix = key.rpartition(".")
-        if suffix not in _SUFFIXES or not module:
+        if suffix not in (*_SUFFIXES, *_OPTIONAL_SUFFIXES) or not module:
             raise ValueError(f"unexpected key {key!r} in delta: keys end in {_SUFFIXES}")
         groups.setdefault(module, {})[suffix] = value
     for module, parts in groups.items():

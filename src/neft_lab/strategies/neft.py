@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.integrity import HASH_KEY, content_hash
-from neft_lab.io import apply_umask, atomic_dir
+from neft_lab.io import atomic_dir
 from neft_lab.models.loading import parameter_count
-from neft_lab.neurons import sliced
+from neft_lab.neurons import delta_file, sliced
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
 from neft_lab.neurons.workflow import build_neuron_set, check_selection
@@ -126,21 +124,9 @@ class NeftStrategy(TrainingStrategy):
         """The compact delta (indices + trained vectors, the base model's identity and hash) beside the run;
         with `export_merged`, also the merged HF checkpoint in `out_dir` (else `stage=export` writes it later)."""
         sliced.sync(model)
-        if self.export_delta:
-            tmp = out_dir.parent / ".neft_delta.safetensors.tmp"
-            tensors = {k: v.contiguous() for k, v in sliced.delta_state(model).items()}
-            save_file(
-                tensors,
-                str(tmp),
-                metadata={
-                    "format": sliced.DELTA_FORMAT,
-                    "strategy": self.name,
-                    **self.base_meta,
-                    HASH_KEY: content_hash(tensors),  # a flipped bit is refused when the delta is read
-                },
-            )
-            apply_umask(tmp)  # safetensors writes 0600
-            tmp.replace(out_dir.parent / "neft_delta.safetensors")
+        if self.export_delta:  # the format `NeuronModel.save_pretrained` writes (neurons/delta_file.py)
+            meta = {"strategy": self.name, **self.base_meta}
+            delta_file.write(out_dir.parent / delta_file.FILE, sliced.delta_state(model), meta)
         if self.export_merged:
             sliced.merge(model)  # the model keeps evaluating identically, now as plain layers
             with atomic_dir(out_dir) as tmp_dir:
@@ -193,11 +179,8 @@ def _describe(settings: dict[str, Any]) -> str:
 
 def base_identity(model_cfg: Any) -> dict[str, str]:
     """The model config's name, name_or_path, source and dtype (safetensors metadata: strings only)."""
-    meta = {"hash_scheme": sliced.HASH_SCHEME}
-    for key in ("name", "name_or_path", "source", "dtype"):
-        value = None if model_cfg is None else model_cfg.get(key)
-        meta[f"base_{key}"] = "" if value is None else str(value)
-    return meta
+    keys = delta_file.IDENTITY_KEYS
+    return delta_file.base_identity(**{k: None if model_cfg is None else model_cfg.get(k) for k in keys})
 
 
 def _check_paper_clipping(trainer: Any) -> None:
