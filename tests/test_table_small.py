@@ -77,9 +77,13 @@ def test_table_script_resumes_after_a_kill_without_redoing_finished_jobs(tmp_pat
     assert summaries[0].startswith("sweep: 4 jobs: 4 skipped, 0 resumed, 0 run, 0 failed"), (
         summaries
     )  # the grid
-    assert summaries[1].startswith("sweep: 2 jobs: 1 skipped, 1 resumed, 0 run, 0 failed"), summaries
-    assert summaries[2].startswith("sweep: 4 jobs: 0 skipped, 0 resumed, 4 run, 0 failed"), summaries
-    assert summaries[3].startswith("sweep: 2 jobs: 0 skipped, 0 resumed, 2 run, 0 failed"), summaries
+    # full fine-tuning's seeds: the first with the zero-shot score (once: greedy decoding), then the others
+    assert summaries[1].startswith("sweep: 1 jobs: 1 skipped, 0 resumed, 0 run, 0 failed"), summaries
+    assert summaries[2].startswith("sweep: 1 jobs: 0 skipped, 1 resumed, 0 run, 0 failed"), summaries
+    assert summaries[3].startswith("sweep: 4 jobs: 0 skipped, 0 resumed, 4 run, 0 failed"), summaries
+    assert summaries[4].startswith("sweep: 2 jobs: 0 skipped, 0 resumed, 2 run, 0 failed"), summaries
+    assert "before" in read_metrics(out / "final" / "full" / "seed0")
+    assert "before" not in read_metrics(out / "final" / "full" / "seed1")
     # the resumed run went on from its last checkpoint to the cap
     assert read_metrics(out / "final" / "full" / "seed1")["train"]["steps"] == 4
     # NeFT's seed-i run scored its neurons against full fine-tuning's seed-i run
