@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from neft_lab.config import compose
 from neft_lab.io import atomic_write_json
-from neft_lab.neurons.workflow import base_weights
 from neft_lab.pipeline import run
+from neft_lab.selection_workflow import base_weights
 
 SETTINGS = {
     "float32 weights": ["model.dtype=float32"],

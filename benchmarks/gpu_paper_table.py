@@ -5,15 +5,15 @@ loading the model again. On a GPU lent for minutes that start-up is most of a sh
 
 - the GGUF is converted once into the cache (`NEFT_LAB_CACHE`, skipped when a converted folder is there),
   read from disk once, and every job (the NeFT reference fine-tune included) gets a copy of it in memory:
-  `neft_lab.pipeline.load_model` is replaced for this process only;
+  `neft_lab.models.loading.load_model` is replaced for this process only (the fit stage looks it up per run);
 - jobs run one after another through `neft_lab.pipeline.run` (the code `python -m neft_lab` runs) in
   priority order: full (with the zero-shot score of the base model), LoRA at the matched rank, NeFT 9%,
   random 9%, reverse 9%, NeFT 3%, NeFT 6%, then further seeds; a job that would not finish before
   `--deadline-s` is skipped and says so, and the JSON is rewritten after every job, so a kill loses
   only the job in flight;
 - evaluation runs on the training device: Lightning's teardown moves the model back to the CPU after
-  `fit`, and `pipeline.fit` then scores it there (500 test sentences of greedy generation on the CPU
-  would take longer than the whole table). `neft_lab.pipeline.evaluate` is wrapped to move the model first.
+  `fit`, and the fit stage then scores it there (500 test sentences of greedy generation on the CPU
+  would take longer than the whole table). `neft_lab.evaluation.evaluate.evaluate` is wrapped to move the model first.
   Generation runs in the model's float32 (`model.dtype=float32`, `eval.precision=32`: outside the training's
   bf16 autocast), which is what Gemma needs: bf16 generation once garbled its output on the H200.
 
@@ -213,13 +213,12 @@ class Session:
         LOG.info("model %s ready: %s", cfg.model.name, self.timing)
 
     def install(self) -> None:
-        """Point `neft_lab.pipeline` at the in-memory model and the on-device evaluation, for this process."""
-        from neft_lab import pipeline
+        """Point the fit stage at the in-memory model and the on-device evaluation, for this process: it imports
+        `load_model` and calls `evaluation.evaluate.evaluate` at run time (neft_lab.stages.fit / .eval)."""
+        from neft_lab.evaluation import evaluate as evaluation
+        from neft_lab.models import loading
 
-        for name in ("load_model", "evaluate"):
-            if not hasattr(pipeline, name):
-                raise SystemExit(f"neft_lab.pipeline.{name} is gone: update benchmarks/gpu_paper_table.py")
-        original_load, original_evaluate = pipeline.load_model, pipeline.evaluate
+        original_load, original_evaluate = loading.load_model, evaluation.evaluate
 
         def load_model(model_cfg: Any) -> tuple[Any, Any]:
             if model_key(model_cfg) != self.model_key:  # another model: read it as usual
@@ -246,8 +245,8 @@ class Session:
             )
             return metrics, rows
 
-        pipeline.load_model = load_model
-        pipeline.evaluate = evaluate
+        loading.load_model = load_model
+        evaluation.evaluate = evaluate
 
 
 def release(device: str) -> None:

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from neft_lab.config import compose
-from neft_lab.data.encoding import IGNORE_INDEX
 from neft_lab.io import atomic_write_json
+from neft_lab.losses import IGNORE_INDEX, target_token_loss
 from neft_lab.models.loading import load_model
-from neft_lab.training.loss import target_token_loss
 
 
 def all_position_loss(model, batch):

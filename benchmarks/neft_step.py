@@ -19,7 +19,7 @@ Methods (``--methods``, comma separated):
 NeFT vectors are drawn at random (seeded) among all up_proj rows and down_proj columns, enough
 to cover ``--budget`` × all parameters: this measures speed, not selection quality.
 
-Loss: the framework's own `neft_lab.training.loss.target_token_loss` with the last half of each
+Loss: the framework's own `neft_lab.losses.target_token_loss` with the last half of each
 row as target tokens (the LM head runs only there, through a boolean ``logits_to_keep`` mask);
 ``--loss full`` projects and scores every position. An integer ``logits_to_keep`` would hand the
 head a non-contiguous slice, which a *frozen* head (LoRA, NeFT) multiplies with bmm on an expanded
@@ -238,7 +238,7 @@ def setup_method(model: nn.Module, method: str, args: argparse.Namespace) -> tup
 
 
 def make_batch(vocab: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    from neft_lab.data.encoding import IGNORE_INDEX
+    from neft_lab.losses import IGNORE_INDEX
 
     ids = torch.randint(10, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -249,7 +249,7 @@ def make_batch(vocab: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
-    from neft_lab.training.loss import target_token_loss
+    from neft_lab.losses import target_token_loss
 
     if args.loss == "half":
         return target_token_loss(model, batch)[0]
@@ -270,7 +270,7 @@ def measure(args: argparse.Namespace, method: str) -> dict[str, Any]:
     total = parameter_count(model)
     model, info = setup_method(model, method, args)
     if args.master_dtype == "float32":
-        from neft_lab.training.precision import keep_trainable_in
+        from neft_lab.masters import keep_trainable_in
 
         keep_trainable_in(model, torch.float32)
     half = getattr(torch, args.dtype) in (torch.bfloat16, torch.float16) and args.master_dtype == "float32"

@@ -70,9 +70,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker in ("full", "lora"):
         record = neft_step.run_worker(step_args(args, args.worker))
         return {**record, "seconds_per_batch": record["step_s"]}
+    from neft_lab.losses import target_token_loss
     from neft_lab.neurons.geometry import NeuronSpace
     from neft_lab.neurons.scorers.gradient import gradient_scores
-    from neft_lab.training.loss import target_token_loss
 
     step = step_args(args, args.worker)
     torch.manual_seed(step.seed)

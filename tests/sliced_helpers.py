@@ -14,9 +14,9 @@ import functools
 import torch
 from torch import nn
 
+from neft_lab.masters import keep_trainable_in
 from neft_lab.models.tiny import build_tiny_model
 from neft_lab.neurons.sliced import SlicePlan, linear_weight, sync, trainable_slices
-from neft_lab.training.precision import keep_trainable_in
 
 ARCHS = ("llama", "gemma3", "gpt2")
 MLP = {  # (input-vector module, output-vector module) per layer; rows of the first, columns of the second

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from conftest import read_metrics
 from neft_lab.config import compose
 from neft_lab.errors import ConfigError
+from neft_lab.losses import target_token_loss
 from neft_lab.models.tiny import build_tiny_model
 from neft_lab.neurons.dense_norm import DenseGradNorm, frobenius_sq_of_outer
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.scoring import WeightSource, cosine_scores
 from neft_lab.neurons.selection import Budget, budget_share, select
-from neft_lab.neurons.workflow import cache_folder, reference_key
 from neft_lab.pipeline import run
-from neft_lab.training.loss import target_token_loss
+from neft_lab.selection_workflow import cache_folder, reference_key
 from neft_lab.training.module import lr_schedule
 from neft_lab.training.precision import check_precision
 

@@ -191,11 +191,11 @@ def test_best_and_last_of_the_same_step_share_one_file(tiny_overrides, tmp_path)
 def test_evaluation_device_is_the_cpu_without_a_gpu_or_under_fsdp(monkeypatch):
     import torch
 
-    from neft_lab.pipeline import _evaluation_device
+    from neft_lab.stages.fit import evaluation_device
 
-    assert _evaluation_device(compose(["trainer=cpu"])).type == "cpu"
+    assert evaluation_device(compose(["trainer=cpu"])).type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert _evaluation_device(compose(["trainer=gpu"])) == torch.device("cuda", 1)
-    assert _evaluation_device(compose(["trainer=fsdp"])).type == "cpu"  # the Trainer shards it there
+    assert evaluation_device(compose(["trainer=gpu"])) == torch.device("cuda", 1)
+    assert evaluation_device(compose(["trainer=fsdp"])).type == "cpu"  # the Trainer shards it there

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
+from neft_lab.masters import keep_trainable_in
 from neft_lab.neurons.sliced import SlicePlan, attach, delta_state, linear_weight, merge, trainable_slices
-from neft_lab.training.precision import keep_trainable_in
 from sliced_helpers import (
     ARCHS,
     assert_only_slices_moved,
@@ -155,15 +155,16 @@ def test_the_pipeline_evaluates_on_the_training_gpu_before_and_after_fit(tiny_ov
     """Lightning hands the model back on the CPU after fit: generation must not run there (500 segments)."""
     from neft_lab import pipeline
     from neft_lab.config import compose
+    from neft_lab.stages import fit as fit_stage
 
     seen = []
-    real = pipeline._evaluate_split
+    real = fit_stage.evaluate_split
 
     def spy(cfg, model, *args, **kwargs):
         seen.append(next(model.parameters()).device.type)
         return real(cfg, model, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_evaluate_split", spy)
+    monkeypatch.setattr(fit_stage, "evaluate_split", spy)
     pipeline.run(compose([*tiny_overrides, "trainer=gpu", "trainer.max_steps=2", "trainer.val_check_interval=2",
                           "eval.before=true", "task.data.embedded.n_test=4"]))  # fmt: skip
     assert seen == ["cuda", "cuda"]

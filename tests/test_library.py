@@ -212,7 +212,15 @@ def test_a_trainer_run_resumed_from_its_checkpoint_is_bit_identical(impl, tmp_pa
         return model
 
     whole = train(tmp_path / "whole")
-    train(tmp_path / "cut", stop=2)
+    at_two = train(tmp_path / "cut", stop=2)
+    # a checkpoint folder loads as an adapter, the way PEFT users load checkpoint-N of a LoRA run
+    loaded = NeuronModel.from_pretrained(base_model("llama"), tmp_path / "cut" / "checkpoint-2")
+    assert loaded.neuron_config.impl == impl and same_state(loaded.state_dict(), at_two.state_dict()) == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # accelerate left at_two's forward under bf16 autocast
+        assert torch.equal(logits(loaded), logits(at_two.eval()))
+    assert not any(p.requires_grad for p in loaded.parameters())  # PEFT's default: is_trainable=False
+    with pytest.raises(ConfigError, match="has no neuron vectors in|does not fit|other"):
+        NeuronModel.from_pretrained(base_model("gpt2"), tmp_path / "cut" / "checkpoint-2")
     checkpoint = load_file(str(tmp_path / "cut" / "checkpoint-2" / "model.safetensors"))
     assert set(checkpoint) == set(whole.state_dict())  # a checkpoint holds the vectors (and indices) only
     resumed = train(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-2"))
@@ -231,7 +239,7 @@ def _example(name: str, cwd: Path, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("name", ["hf_trainer.py", "trl_sft.py"])
+@pytest.mark.parametrize("name", ["hf_trainer.py", "trl_sft.py", "accelerate_loop.py"])
 def test_the_examples_are_short(name):
     assert len((REPO / "examples" / name).read_text().splitlines()) < 80
 
@@ -246,6 +254,14 @@ def test_the_hf_trainer_example_trains_resumes_and_reloads(tmp_path):
         "neft_config.json",
         "neft_delta.safetensors",
     ]
+
+
+def test_the_accelerate_example_trains_saves_and_reloads(tmp_path):
+    out = _example("accelerate_loop.py", tmp_path, "--steps", "4")
+    assert "trainable params:" in out and "trained 4 steps" in out
+    assert "the reloaded adapter reproduces the trained model: True" in out
+    loaded = NeuronModel.from_pretrained(build_tiny_model("llama")[0], tmp_path / "out" / "adapter")
+    assert 0 < loaded.neuron_set.num_vectors < loaded.neuron_set.space.num_vectors
 
 
 def test_the_trl_example_scores_from_a_reference_and_trains(tmp_path):

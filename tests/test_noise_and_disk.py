@@ -19,7 +19,8 @@ from neft_lab.config import compose
 from neft_lab.errors import ConfigError
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.scoring import WeightSource
-from neft_lab.pipeline import StepProgressBar, _route_lightning_logs_through_hydra, build_trainer, run
+from neft_lab.pipeline import run
+from neft_lab.training.trainer import StepProgressBar, build_trainer, route_lightning_logs_through_hydra
 from neft_lab.validation import validate
 
 BAR_MARKS = ("it/s]", "%|")  # a tqdm bar's rate, its bar (run_cli reads text: a redraw's \r reads as \n)
@@ -69,7 +70,7 @@ def test_a_cpu_run_prints_no_accelerator_inventory(smoke_neft):
 
 
 def test_the_device_line_stays_where_a_gpu_is_there():
-    _route_lightning_logs_through_hydra()
+    route_lightning_logs_through_hydra()
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
 
     def shown(message: str) -> bool:

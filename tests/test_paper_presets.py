@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO
+from neft_lab import selection_workflow as workflow
 from neft_lab.config import compose
 from neft_lab.errors import ConfigError
-from neft_lab.neurons import workflow
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.selection import PAPER_POINTS, Budget, budget_share
 from neft_lab.pipeline import run

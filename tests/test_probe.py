@@ -366,7 +366,7 @@ def test_the_paper_probe_selects_its_highest_scores_and_keys_its_cache(tiny_over
 
 
 def test_the_former_probe_is_selection_activation_probe(tiny_overrides):
-    from neft_lab.neurons import workflow
+    from neft_lab import selection_workflow as workflow
 
     cfg = compose([*tiny_overrides, "selection=activation_probe"])
     assert cfg.selection.scorer == "activation_ridge" and workflow.scorer_of(cfg) == "activation_ridge"

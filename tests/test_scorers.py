@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from neft_lab.errors import ConfigError
+from neft_lab.losses import target_token_loss
 from neft_lab.models.tiny import build_tiny_model
 from neft_lab.neurons import scorers
 from neft_lab.neurons.geometry import NeuronSpace
@@ -22,7 +23,6 @@ from neft_lab.neurons.scorers.activation_ridge import activation_ridge_scores, f
 from neft_lab.neurons.scorers.gradient import gradient_scores, vector_sq_norms
 from neft_lab.neurons.scorers.lora_reference import LoraWeights, lora_reference_scores
 from neft_lab.neurons.scoring import WeightSource, cosine_scores
-from neft_lab.training.loss import target_token_loss
 
 
 def make_batches(

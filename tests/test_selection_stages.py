@@ -162,7 +162,7 @@ def test_selection_stage_settings_are_checked_before_anything_loads(tiny_overrid
 
 def test_no_code_under_neurons_or_strategies_starts_a_run_and_the_import_cycle_is_gone():
     code = (
-        "import sys, neft_lab.strategies, neft_lab.neurons.workflow, neft_lab.neurons.scorers.gradient, "
+        "import sys, neft_lab.strategies, neft_lab.selection_workflow, neft_lab.neurons.scorers.gradient, "
         "neft_lab.neurons.scorers.probe, neft_lab.neurons.scorers.lora_reference; "
         "assert 'neft_lab.pipeline' not in sys.modules and 'neft_lab.chain' not in sys.modules, "
         "sorted(m for m in sys.modules if m.startswith('neft_lab'))"

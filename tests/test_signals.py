@@ -148,7 +148,7 @@ def test_a_signal_mid_step_or_validation_resumes_bit_equal_with_the_same_log(
 @pytest.mark.fault
 def test_a_run_killed_while_writing_its_metrics_reports_its_training_on_rerun(tmp_path, monkeypatch):
     """20 steps, a checkpoint every 5: last.ckpt is of the last step, so the rerun has nothing left to train."""
-    import neft_lab.pipeline as pipeline
+    import neft_lab.stages.fit as fit_stage
 
     run_dir, twenty = tmp_path / "run", "trainer.max_steps=20"
 
@@ -156,7 +156,7 @@ def test_a_run_killed_while_writing_its_metrics_reports_its_training_on_rerun(tm
         raise KeyboardInterrupt("killed while writing metrics.json")
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "atomic_write_json", killed)
+        patch.setattr(fit_stage, "atomic_write_json", killed)
         with pytest.raises(KeyboardInterrupt):
             _in_process(tmp_path, run_dir, twenty)
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 20
@@ -205,16 +205,16 @@ class SlowEvaluation(L.Callback):
     """Makes the after-training test evaluation slow enough to be stopped in (prints a marker when it starts)."""
 
     def on_train_end(self, trainer, pl_module):
-        import neft_lab.pipeline as pipeline
+        import neft_lab.evaluation.evaluate as evaluation
 
-        evaluate = pipeline.evaluate
+        evaluate = evaluation.evaluate
 
         def slow(*args, **kwargs):
             print("EVALUATION STARTS", flush=True)
             time.sleep(30)
             return evaluate(*args, **kwargs)
 
-        pipeline.evaluate = slow
+        evaluation.evaluate = slow
 
 
 @pytest.mark.fault

@@ -8,6 +8,8 @@ light (the CLI's config checks run before torch is imported)::
 
 __version__ = "0.1.0"
 
+# `neft_lab.library.__all__`, spelled out so that `import neft_lab` imports no torch (tests/test_layers.py keeps
+# the two equal)
 _LIBRARY = (
     "NeuronConfig",
     "NeuronModel",

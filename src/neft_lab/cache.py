@@ -29,6 +29,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from neft_lab.io import size_of
 from neft_lab.neurons import reference_weights
 
 SCORES = ("scores.safetensors", "scores.json")
@@ -37,12 +38,6 @@ WEIGHTS = ("reference", "snapshots")  # in an entry or its K<steps>/ subfolders:
 
 def default_root() -> Path:
     return Path(os.environ.get("NEFT_LAB_CACHE") or Path.home() / ".cache" / "neft_lab")
-
-
-def size_of(path: Path) -> int:
-    if path.is_file() or path.is_symlink():
-        return path.lstat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def last_used(path: Path) -> float:

@@ -1,4 +1,5 @@
-"""NeFT's selection chain as stages: reference → score → select, composed by the pipeline before fit.
+"""NeFT's selection chain: reference → score → select. The stages of those names (`neft_lab.stages.reference`,
+`.score`, `.select`) run one link each; a NeFT fit runs the chain it needs (`scores_for_fit`).
 
     python -m neft_lab stage=reference selection=cosine ...     # the short full fine-tune (cached)
     python -m neft_lab stage=score     selection=cosine ...     # scores of every neuron vector (cached)
@@ -29,8 +30,10 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from neft_lab import selection_workflow as workflow
+from neft_lab.config import command_line_overrides
 from neft_lab.errors import ConfigError
-from neft_lab.neurons import reference_weights, workflow
+from neft_lab.neurons import reference_weights
 from neft_lab.neurons import scores_file as scores_io
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
@@ -38,47 +41,11 @@ from neft_lab.neurons.neuron_set import NeuronSet
 logger = logging.getLogger(__name__)
 
 
-def run_stage(cfg: DictConfig) -> Path:
-    """`stage=reference|score|select`: run that stage (and, cached, what it needs); returns what it wrote."""
-    if cfg.stage == "reference":
-        out = reference(cfg)
-        logger.info("reference model: %s", out)
-    elif cfg.stage == "score":
-        out = scores(cfg)
-        logger.info(
-            "scores: %s\nnext, select a neuron set from them: %s",
-            out,
-            next_command(
-                ["stage=select", f"selection.scores={Path(out).absolute()}"], ("stage", "selection.scores")
-            ),
-        )
-    else:
-        out = select_to_file(cfg)
-        logger.info(
-            "neuron set: %s\ntrain on it: %s",
-            out,
-            next_command(
-                ["strategy=neft", "selection=from_file", f"selection.file={Path(out).absolute()}"],
-                ("stage", "strategy", "selection"),
-            ),
-        )
-    return out
-
-
 def next_command(args: list[str], replaced: tuple[str, ...]) -> str:
     """The command of the next stage, to copy as printed: `args` plus every override the user gave this one
     (model, task, trainer, paths, ...) except those `args` replace (`replaced`: keys, each with its subkeys)."""
-    kept = [o for o in _command_line_overrides() if not _override_of(o, replaced)]
+    kept = [o for o in command_line_overrides() if not _override_of(o, replaced)]
     return " ".join(["python -m neft_lab", *(shlex.quote(a) for a in [*args, *kept])])
-
-
-def _command_line_overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not inside a Hydra job (tests, notebooks): no command line to repeat
-        return []
 
 
 def _override_of(override: str, keys: tuple[str, ...]) -> bool:
@@ -161,7 +128,7 @@ def _run_reference(cfg: DictConfig, folder: Path) -> None:
     )
     derived["paths"]["run_dir"] = str(folder / "reference")
     # "reference step k/K" (a bar over max_steps), not Lightning's default bar, which reads "Epoch 0/-2"
-    bar = {"_target_": "neft_lab.pipeline.StepProgressBar", "label": "reference step"}
+    bar = {"_target_": "neft_lab.training.trainer.StepProgressBar", "label": "reference step"}
     derived["callbacks"] = (
         {"progress_bar": bar} if derived["trainer"].get("enable_progress_bar", True) else {}
     )

@@ -111,3 +111,21 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides the user typed for this Hydra job (`model=tiny optim.lr=1e-4`); [] outside a Hydra job
+    (tests, notebooks)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job
+        return []
+
+
+def overridden(group: str) -> bool:
+    """Whether this job's command line sets `group` (`task=...`) or a key under it (`task.data.x=...`)."""
+    return any(
+        o.split("=")[0].lstrip("+~") == group or o.startswith(f"{group}.") for o in command_line_overrides()
+    )

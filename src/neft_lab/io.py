@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a crash or Ctrl-C never leaves a half-written artifact behind."""
+"""Atomic file and folder writes: a crash or Ctrl-C never leaves a half-written artifact behind (and `size_of`,
+the bytes a file or folder holds)."""
 
 from __future__ import annotations
 
@@ -161,3 +162,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def size_of(path: Path) -> int:
+    """The bytes `path` holds: a file's (a link's own, not its target's) or the sum over the files under a
+    folder, links not followed."""
+    if path.is_file() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())

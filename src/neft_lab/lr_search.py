@@ -46,7 +46,7 @@ def objective(cfg: DictConfig, result: float | None) -> float | None:
     the run's best validation loss from its metrics.json for `val_loss` (the worst value when it has none)."""
     if check_objective(cfg) == "test" or OmegaConf.select(cfg, "stage") != "fit":
         return result
-    from neft_lab.pipeline import nested_run
+    from neft_lab.stages import nested_run
 
     if nested_run():  # the NeFT reference run: its caller ignores what it returns
         return result

@@ -190,7 +190,7 @@ def budget_label(run: dict[str, Any]) -> str:
     return percent(value)
 
 
-# as neurons/workflow.py: the methods that rank by a scorer, the scorers whose scores come from a reference run
+# as selection_workflow.py: the methods that rank by a scorer, the scorers whose scores come from a reference run
 SCORED_METHODS = ("cosine", "reverse", "cosine_plus_reverse")
 REFERENCE_SCORERS = ("cosine", "lora_reference")
 PAPER_MODULES = ("up", "down")

@@ -53,6 +53,15 @@ def free_threads(cores: int, busy: float) -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
+def computes_on_gpu(cfg: Any) -> bool:
+    """Whether the run computes on a GPU (then torch's CPU threads only feed it: no advice about them)."""
+    import torch
+
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    accelerator = str((trainer or {}).get("accelerator", "auto")).lower()
+    return torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+
+
 def apply_threads(cfg: Any, on_gpu: bool = False) -> int:
     """Set torch's CPU threads from `cfg.threads` (an int, auto, or null) and return the count in use."""
     import torch  # here, not at the top: validation imports this module before torch is needed

@@ -16,7 +16,7 @@ import torch
 
 from neft_lab.errors import ConfigError
 from neft_lab.neurons.geometry import NeuronSpace
-from neft_lab.neurons.neuron_set import _first_difference
+from neft_lab.neurons.neuron_set import first_difference
 
 # the authors' "strongly affected": |ΔRank| >= 100,000 within a kind's ranking of Llama-2-7B's 32 x 11,008 =
 # 352,256 vectors, ≈ 0.2839 of the kind
@@ -79,7 +79,7 @@ def check_buckets(edges: Any) -> list[float]:
 
 
 def check_same_space(a: NeuronSpace, b: NeuronSpace, what: str) -> None:
-    difference = _first_difference(a, b) or _first_difference(b, a)
+    difference = first_difference(a, b) or first_difference(b, a)
     if difference:
         raise ConfigError(f"{what} does not have the same neuron vectors as the reference: {difference}")
 

@@ -123,21 +123,17 @@ def check_same_base(runs: list[Run], base: Run | None) -> None:
 
 def run_config(cfg: DictConfig, run: Run) -> DictConfig:
     """`cfg` with the run's model and strategy (and task unless task= is given), as stage=eval does."""
-    from neft_lab.pipeline import _with_run_config
+    from neft_lab.saved_runs import with_run_config
 
-    return _with_run_config(cfg, run.folder)
+    return with_run_config(cfg, run.folder)
 
 
 def load_run_model(cfg: DictConfig, run: Run) -> tuple[torch.nn.Module, Any]:
     """The run's trained model as plain layers (a NeFT delta on its checked base, a merged LoRA)."""
-    from neft_lab.neurons import sliced
-    from neft_lab.pipeline import _load_for_eval
+    from neft_lab.saved_runs import as_plain_layers, load_saved_model
 
-    model, tokenizer = _load_for_eval(run_config(cfg, run), run.folder)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    sliced.merge(model)
-    return model, tokenizer
+    model, tokenizer = load_saved_model(run_config(cfg, run), run.folder)
+    return as_plain_layers(model), tokenizer
 
 
 def load_base_model(cfg: DictConfig, run: Run) -> tuple[torch.nn.Module, Any]:

@@ -92,7 +92,7 @@ def _list(value: Any, key: str) -> list[Any]:
 def settings(cfg: DictConfig) -> Settings:
     """`cfg.analysis`, checked without loading any model: folders and files exist, numbers are in range,
     the neuron sets fit one another, the runs share one base model."""
-    from neft_lab.validation import require_int, value_of
+    from neft_lab.config_checks import require_int, value_of
 
     section = cfg.get("analysis")
     if section is None:
@@ -204,9 +204,9 @@ def all_sets(s: Settings) -> dict[str, NeuronSet]:
 
 
 def _task_overridden() -> bool:
-    from neft_lab.pipeline import _overridden
+    from neft_lab.config import overridden
 
-    return _overridden("task")
+    return overridden("task")
 
 
 # ---- the stage ----------------------------------------------------------------------------------------

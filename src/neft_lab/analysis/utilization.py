@@ -478,7 +478,7 @@ def space_meta(space: NeuronSpace) -> dict[str, Any]:
 
 
 def space_from_meta(meta: dict[str, Any]) -> NeuronSpace:
-    from neft_lab.neurons.neuron_set import _shape
+    from neft_lab.neurons.neuron_set import weight_shape
 
-    shapes = {g["weight"]: _shape(meta["signature"][n], g["axis"]) for n, g in meta["groups"].items()}
+    shapes = {g["weight"]: weight_shape(meta["signature"][n], g["axis"]) for n, g in meta["groups"].items()}
     return NeuronSpace.from_shapes(meta["model_type"], shapes, meta["kinds"])

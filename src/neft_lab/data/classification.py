@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neft_lab.data.sources import _field, _value, data_file, read_records
+from neft_lab.data.sources import data_file, read_records, text_at, value_at
 from neft_lab.errors import DataError
 
 WHAT = (
@@ -53,13 +53,15 @@ def read_labelled_texts(
             break
         if template:
             for name in filter(None, fields):
-                _value(record, name, where, f"The {prefix}.template={template!r} needs it: fix the template.")
+                value_at(
+                    record, name, where, f"The {prefix}.template={template!r} needs it: fix the template."
+                )
             text = template.format_map(record)
         else:
-            text = _field(
+            text = text_at(
                 record, text_field, where, f"Set {prefix}.text_field to the field that holds the text."
             )
-        raw = _value(
+        raw = value_at(
             record, label_field, where, f"Set {prefix}.label_field to the field that holds the label."
         )
         labels.append(_label(raw, names, where, prefix))

@@ -29,10 +29,9 @@ import torch
 from neft_lab.data.examples import Example
 from neft_lab.data.task import INSTRUCTION, Task
 from neft_lab.errors import ConfigError, DataError
+from neft_lab.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -107,15 +107,17 @@ def data_folder(folder: str | Path, key: str) -> Path:
     return path
 
 
-def _field(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> str:
+def text_at(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> str:
     """The text at a (dotted) field of a record; `fix` says which setting names the field."""
-    value = _value(record, dotted, where, fix)
+    value = value_at(record, dotted, where, fix)
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{dotted}' is {type(value).__name__}, expected text")
     return value
 
 
-def _value(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> Any:
+def value_at(record: dict[str, Any], dotted: str, where: str, fix: str | None = None) -> Any:
+    """The value at a (dotted) field of a record (`a.b`: `record["a"]["b"]`); a missing field raises a
+    DataError naming `where`, the record's fields and `fix` (which setting names the field)."""
     value: Any = record
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
@@ -152,7 +154,7 @@ def read_jsonl(path: Path, source_field: str, target_field: str) -> list[Example
                 f"{where} is not valid JSON ({err.msg}): each line must be one JSON object"
             ) from None
         examples.append(
-            Example(_field(record, source_field, where), _field(record, target_field, where), where)
+            Example(text_at(record, source_field, where), text_at(record, target_field, where), where)
         )
     if not examples:
         raise DataError(f"{path} holds no records")
@@ -193,8 +195,8 @@ def read_hub_split(
         ) from err
     return [
         Example(
-            _field(row, source_field, f"{path}[{split}][{i}]"),
-            _field(row, target_field, f"{path}[{split}][{i}]"),
+            text_at(row, source_field, f"{path}[{split}][{i}]"),
+            text_at(row, target_field, f"{path}[{split}][{i}]"),
             f"{path}[{split}][{i}]",
         )
         for i, row in enumerate(dataset)
@@ -253,12 +255,12 @@ def read_instruction_file(
     """
     examples = []
     for record, where in read_records(path):
-        instruction = _field(record, instruction_field, where, _fix("instruction_field", "the instruction"))
-        output = _field(record, output_field, where, _fix("output_field", "the response to learn"))
+        instruction = text_at(record, instruction_field, where, _fix("instruction_field", "the instruction"))
+        output = text_at(record, output_field, where, _fix("output_field", "the response to learn"))
         extra = ""
         if input_field:
             fix = _fix("input_field", "the input") + " (task.data.input_field=null: the records have none)"
-            extra = _value(record, input_field, where, fix)
+            extra = value_at(record, input_field, where, fix)
             if extra is None:
                 extra = ""
             if not isinstance(extra, str):
@@ -273,13 +275,13 @@ def read_ifeval_file(path: Path, prompt_field: str) -> list[Example]:
     and each one's arguments. They have no reference output: `target` is empty."""
     examples = []
     for number, (record, where) in enumerate(read_records(path), 1):
-        prompt = _field(record, prompt_field, where, _fix("test_prompt_field", "the prompt"))
+        prompt = text_at(record, prompt_field, where, _fix("test_prompt_field", "the prompt"))
         fix = (
             "IFEval test rows need prompt, instruction_id_list and kwargs (the format of IFEval's "
             "input_data.jsonl); for a test file of instruction/input/output records set task.data.test_prompt_field=null"
         )
-        ids = _value(record, "instruction_id_list", where, fix)
-        kwargs = _value(record, "kwargs", where, fix)
+        ids = value_at(record, "instruction_id_list", where, fix)
+        kwargs = value_at(record, "kwargs", where, fix)
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             raise DataError(
                 f"{where}: instruction_id_list must be a non-empty list of instruction ids, got {ids!r}"

@@ -32,10 +32,10 @@ from neft_lab.errors import ConfigError
 from neft_lab.integrity import HASH_KEY, first_non_finite
 from neft_lab.io import atomic_write_json
 from neft_lab.library.scores import NeuronScores, random_scores, select_neurons
+from neft_lab.masters import keep_trainable_in
 from neft_lab.neurons import delta_file, sliced
 from neft_lab.neurons.geometry import FAMILIES, NeuronSpace, family_of, model_type_of
 from neft_lab.neurons.neuron_set import NeuronSet
-from neft_lab.training.precision import keep_trainable_in
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,12 @@ class NeuronModel(nn.Module):
         by `save_pretrained`, a run folder of `python -m neft_lab strategy=neft` (its neft_delta.safetensors and
         neuron_set.safetensors) or a neft_delta.safetensors file. Another base (its weights hash differently) is
         refused. `is_trainable=False` (PEFT's default) freezes the vectors; `impl` / `master_dtype` default to
-        the saved ones (a CLI run: fused, float32)."""
+        the saved ones (a CLI run: fused, float32). A Hugging Face Trainer checkpoint folder (`checkpoint-N/`,
+        whose `model.safetensors` is this class's state dict: vectors and indices) loads too; it records no base
+        hash, so the base is checked by shape only."""
+        checkpoint = _trainer_checkpoint(Path(path))
+        if checkpoint is not None:
+            return cls._from_trainer_checkpoint(model, checkpoint, is_trainable, impl, master_dtype)
         delta_path, folder = _delta_path(Path(path))
         tensors, meta = delta_file.read(delta_path, _FIX)
         saved = _saved_config(folder, delta_path, meta)
@@ -351,6 +356,56 @@ class NeuronModel(nn.Module):
         )
         wrapped = cls(model, config, _base_hash=meta.get("base_hash") or None)
         wrapped._load_values(tensors)
+        if not is_trainable:
+            for wrapper in wrapped._wrappers.values():
+                for _, param in wrapper.trainable():
+                    param.requires_grad_(False)
+        return wrapped
+
+    @classmethod
+    def _from_trainer_checkpoint(
+        cls, model: nn.Module, file: Path, is_trainable: bool, impl: str | None, master_dtype: Any
+    ) -> NeuronModel:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(file))
+        except Exception as err:  # noqa: BLE001 - truncated or not safetensors
+            raise ConfigError(
+                f"{file} is not a readable safetensors file ({type(err).__name__}): {_FIX}"
+            ) from None
+        prefix = "hf_model."
+        modules = sorted(
+            k[len(prefix) : -len(".indices")]
+            for k in state
+            if k.startswith(prefix) and k.endswith(".indices")
+        )
+        saved_impls = {k.rsplit(".", 1)[1] for k in state if k.endswith((".vectors", ".delta"))}
+        if not modules or len(saved_impls) != 1:
+            raise ConfigError(
+                f"{file} is not a Trainer checkpoint of a NeuronModel (no hf_model.<module>.indices with its "
+                f"vectors or delta): give the checkpoint folder of a Trainer that trained get_neuron_model's model"
+            )
+        if isinstance(model, NeuronModel):
+            raise ConfigError("from_pretrained takes the base model, not a NeuronModel")
+        every = NeuronSpace.from_model(model, tuple(FAMILIES[family_of(model_type_of(model.config))]))
+        axis_of = {g.module: g.linear_axis for g in every.groups}
+        unknown = [m for m in modules if m not in axis_of]
+        if unknown:
+            raise ConfigError(
+                f"{file} slices {unknown[0]}, which this {type(model).__name__} has no neuron vectors in"
+            )
+        layout = {f"{m}.indices": state[f"{prefix}{m}.indices"] for m in modules}
+        layout |= {f"{m}.axis": torch.tensor(axis_of[m]) for m in modules}
+        neuron_set = _neuron_set_of(model, layout, {}, file.parent)
+        saved_impl = "fused" if saved_impls == {"vectors"} else "delta"
+        if impl not in (None, saved_impl):
+            raise ConfigError(
+                f"{file} was trained with impl={saved_impl}: load it with impl={saved_impl} (or None)"
+            )
+        dtype = "float32" if master_dtype is ... else master_dtype
+        wrapped = cls(model, NeuronConfig(neurons=neuron_set, impl=saved_impl, master_dtype=dtype))
+        wrapped.load_state_dict({k: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
         if not is_trainable:
             for wrapper in wrapped._wrappers.values():
                 for _, param in wrapper.trainable():
@@ -455,6 +510,17 @@ def _adapter_loaded(module: NeuronModel, incompatible: Any) -> None:
     sliced.sync(module.hf_model)
 
 
+# what a Hugging Face Trainer writes for a model that is no PreTrainedModel: its state dict
+TRAINER_WEIGHTS = "model.safetensors"
+
+
+def _trainer_checkpoint(path: Path) -> Path | None:
+    """`model.safetensors` of a Trainer checkpoint folder (no delta beside it), else None."""
+    if path.is_dir() and not (path / delta_file.FILE).exists() and (path / TRAINER_WEIGHTS).is_file():
+        return path / TRAINER_WEIGHTS
+    return None
+
+
 def _delta_path(path: Path) -> tuple[Path, Path]:
     if path.is_file():
         return path, path.parent
@@ -497,7 +563,7 @@ def _neuron_set_of(
     every = NeuronSpace.from_model(model, tuple(FAMILIES[family_of(model_type)]))
     by_module = {g.module: g for g in every.groups}
     groups = {}
-    for module in sliced.delta_modules(tensors):
+    for module in sorted(k.removesuffix(".indices") for k in tensors if k.endswith(".indices")):
         group = by_module.get(module)
         axis = int(tensors[f"{module}.axis"])
         if group is None or group.linear_axis != axis:

@@ -45,14 +45,14 @@ def gemma3_270m_folder(cache_dir: str | Path | None = None, *, force: bool = Fal
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = folder / MODEL_SUBDIR
-    if not force and _is_complete(folder):
+    if not force and is_complete(folder):
         return folder
     package = _import_gguf_package()  # only needed when converting; a finished folder works without it
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not force and _is_complete(folder):  # another process converted it while we waited
+        if not force and is_complete(folder):  # another process converted it while we waited
             return folder
         for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed conversion; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
@@ -64,7 +64,8 @@ def gemma3_270m_folder(cache_dir: str | Path | None = None, *, force: bool = Fal
     return folder
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
+    """Whether `folder` holds a finished conversion (its completion marker is written last)."""
     return (folder / COMPLETE_MARKER).is_file()
 
 

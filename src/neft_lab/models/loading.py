@@ -156,11 +156,11 @@ def local_model_config_available(cfg: Any) -> bool:
     if source == "tiny":
         return True
     if source == "gemma_gguf":
-        from neft_lab.models.gemma_gguf import MODEL_SUBDIR, _is_complete, default_cache_dir
+        from neft_lab.models.gemma_gguf import MODEL_SUBDIR, default_cache_dir, is_complete
 
         cache = _get(cfg, "cache_dir")
         root = Path(cache).expanduser() if cache is not None else default_cache_dir()
-        return _is_complete(root / MODEL_SUBDIR)
+        return is_complete(root / MODEL_SUBDIR)
     name = str(_get(cfg, "name_or_path"))
     if (Path(name).expanduser() / "config.json").is_file():
         return True

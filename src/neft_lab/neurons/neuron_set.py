@@ -107,7 +107,7 @@ class NeuronSet:
         """Refuse a space this set does not fit: the same architecture, the same number of layers, and every
         group of the set's kinds present in both with the same [vectors, length]. The message names the first
         difference."""
-        difference = _first_difference(self.space, space)
+        difference = first_difference(self.space, space)
         if difference:
             identity = self.meta.get("model") or {}
             model = identity.get("name_or_path") or identity.get("name") or self.space.model_type
@@ -175,7 +175,7 @@ class NeuronSet:
             space = NeuronSpace.from_shapes(
                 meta["model_type"],
                 {
-                    g["weight"]: _shape(meta["signature"][name], g["axis"])
+                    g["weight"]: weight_shape(meta["signature"][name], g["axis"])
                     for name, g in meta["groups"].items()
                 },
                 meta["kinds"],
@@ -236,7 +236,7 @@ def neuron_set_file(path: str | Path) -> Path:
     return file
 
 
-def _first_difference(mine: NeuronSpace, theirs: NeuronSpace) -> str | None:
+def first_difference(mine: NeuronSpace, theirs: NeuronSpace) -> str | None:
     """How `theirs` differs from `mine` over `mine`'s kinds, or None when a set of `mine` fits `theirs`."""
     if mine.model_type != theirs.model_type:
         return f"the architecture is {mine.model_type} in the set but {theirs.model_type} in the model"
@@ -256,7 +256,8 @@ def _first_difference(mine: NeuronSpace, theirs: NeuronSpace) -> str | None:
     return None
 
 
-def _shape(count_length: list[int], axis: int) -> tuple[int, int]:
+def weight_shape(count_length: list[int], axis: int) -> tuple[int, int]:
+    """A weight's shape from a group's stored [vectors, length] and its vector axis (0: rows are vectors)."""
     count, length = count_length
     return (count, length) if axis == 0 else (length, count)
 

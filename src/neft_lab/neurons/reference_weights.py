@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from neft_lab.errors import ConfigError
-from neft_lab.io import atomic_dir, atomic_write_json
+from neft_lab.io import atomic_dir, atomic_write_json, size_of
 
 FILE = "reference_weights.safetensors"
 INFO = "reference_weights.json"
@@ -103,7 +103,6 @@ def compact(export: Path, kinds: list[str], chunk: int = 64 * 2**20) -> dict[str
     what reference_weights.json says. The tensors' bytes are copied as they are stored, a chunk at a time
     (a 7B model's up/down matrices never sit in memory), into a new folder that replaces `export` in one
     rename: a crash leaves the full export, or (between the two renames) none, and the reference runs again."""
-    from neft_lab.cache import size_of
     from neft_lab.neurons.geometry import NeuronSpace
 
     export = Path(export)

@@ -1,7 +1,7 @@
 """A scores file: one score per neuron vector, and the key of everything the scores depend on.
 
 `<name>.safetensors` holds a tensor per vector group ("up.3") and, in its header, the scorer, its
-direction and the key (`neurons.workflow.scores_key`: model and data fingerprints, reference settings,
+direction and the key (`selection_workflow.scores_key`: model and data fingerprints, reference settings,
 scorer settings); `<name>.json` beside it repeats that with the scoring stage's time and memory. A file
 given for another model, other data or other reference settings is refused with the first settings
 that differ, instead of being used as if it were this config's.

@@ -2,8 +2,8 @@
 
 The pipeline calls `prepare` before the model is loaded (NeFT runs its reference fine-tune there,
 so two models never share memory) and `apply` once after. The LightningModule asks `param_groups`
-for the optimizer, calls `sync` after each step and after loading a checkpoint, and uses
-`trainable_state_dict` / `export` to save.
+for the optimizer, `clip_norm_probe` for the norm to clip by, calls `sync` after each step and after loading
+a checkpoint, and uses `trainable_state_dict` / `export` to save.
 A new method (NeFT and its baselines) is a new subclass; the training loop does not change.
 """
 
@@ -12,12 +12,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 NO_DECAY_HINTS = ("bias", "norm", "embed")
+
+
+class GradNormProbe(Protocol):
+    """What `TrainingStrategy.clip_norm_probe` returns: a norm measured over one backward."""
+
+    def take(self) -> torch.Tensor:
+        """The gradient norm measured since the last call (then reset)."""
+        ...
 
 
 @dataclass
@@ -63,9 +71,10 @@ class TrainingStrategy(ABC):
     def sync(self, model: nn.Module) -> None:
         """Push trainable state kept outside the live weights into them (after a step or a checkpoint load)."""
 
-    def paper_clip_modules(self, model: nn.Module) -> list[str] | None:
-        """`optim.clip_scope=paper`: modules whose whole weight gradients the authors clipped on, where that
-        differs from what trains (NeFT); None: the optimizer's parameters are that set."""
+    def clip_norm_probe(self, model: nn.Module, scope: str) -> GradNormProbe | None:
+        """The gradient norm to clip by under `optim.clip_scope=scope`, where it is not the norm of the
+        optimizer's gradients: a probe hooked into `model` (after `apply`) that measures it during each
+        backward. None (the default, and every strategy's for `selected`): clip by the optimizer's parameters."""
         return None
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """NeFT: only the selected neuron vectors train (`random_neuron` and `reverse_selection` are the same
-strategy with another selection). The neuron set is chosen by `neft_lab.neurons.workflow` from a
+strategy with another selection). The neuron set is chosen by `neft_lab.selection_workflow` from a
 neuron-set file or from the scores the pipeline's selection stages made (`neft_lab.chain`: this
 strategy never starts a run); the sliced layers that make only those vectors parameters come from
 `neft_lab.neurons.sliced`."""
@@ -17,11 +17,12 @@ from neft_lab.errors import ConfigError
 from neft_lab.io import atomic_dir
 from neft_lab.models.loading import parameter_count
 from neft_lab.neurons import delta_file, sliced
+from neft_lab.neurons.dense_norm import DenseGradNorm
 from neft_lab.neurons.geometry import NeuronSpace
 from neft_lab.neurons.neuron_set import NeuronSet
-from neft_lab.neurons.workflow import build_neuron_set, check_selection
 from neft_lab.ranks import launched_as_rank_zero
-from neft_lab.strategies.base import StrategyContext, TrainingStrategy
+from neft_lab.selection_workflow import build_neuron_set, check_selection
+from neft_lab.strategies.base import GradNormProbe, StrategyContext, TrainingStrategy
 from neft_lab.training.distributed import uses_fsdp2
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,12 @@ class NeftStrategy(TrainingStrategy):
         self.neuron_set = neuron_set
         return model
 
-    def paper_clip_modules(self, model: nn.Module) -> list[str] | None:
-        """The authors set requires_grad on every weight of the selected kinds and clip on all of them."""
-        return None if self.neuron_set is None else [g.module for g in self.neuron_set.space.groups]
+    def clip_norm_probe(self, model: nn.Module, scope: str) -> GradNormProbe | None:
+        """`paper`: the authors set requires_grad on every weight of the selected kinds and clip on the norm of
+        all of them; `DenseGradNorm` forms that dense norm from activations (only the slices train here)."""
+        if scope != "paper" or self.neuron_set is None:
+            return None
+        return DenseGradNorm(model, [g.module for g in self.neuron_set.space.groups])
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Every slice is a weight matrix's rows/columns: all of it decays."""

@@ -20,12 +20,11 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.neurons.dense_norm import DenseGradNorm
-from neft_lab.strategies.base import TrainingStrategy
+from neft_lab.losses import target_token_loss
+from neft_lab.masters import keep_trainable_in
+from neft_lab.strategies.base import GradNormProbe, TrainingStrategy
 from neft_lab.training import distributed, precision
-from neft_lab.training.loss import target_token_loss
 from neft_lab.training.options import CLIP_SCOPES, SCHEDULES
-from neft_lab.training.precision import keep_trainable_in
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class CausalLMModule(L.LightningModule):
         self.scheduler_name, self.warmup_steps = scheduler, warmup_steps
         self.horizon = parse_horizon(horizon)  # the schedule's length, when not the run's (NeFT references)
         keep_trainable_in(self.model, precision.master_dtype(master_dtype))  # float32 masters (precision.py)
-        self._dense_norm = _paper_clip_norm(self.model, strategy, clip_scope)
+        self._clip_probe = _clip_norm_probe(self.model, strategy, clip_scope)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self._step_started = 0.0
         self._tokens = 0
@@ -61,7 +60,7 @@ class CausalLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Several ranks must start alike: same neurons (each rank selects its own) and, as FSDP2 shards each
         rank's own copy (DDP broadcasts rank 0's), the same trainable values."""
-        if self._dense_norm is not None and (
+        if self._clip_probe is not None and (
             self.trainer.world_size > 1 or self.trainer.accumulate_grad_batches > 1
         ):
             raise ConfigError(
@@ -135,9 +134,9 @@ class CausalLMModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """`optim.clip_scope=paper` on NeFT: clip by the authors' dense up/down norm; else Lightning's norm
-        over the optimizer's parameters."""
-        norm = None if self._dense_norm is None else self._dense_norm.take()
+        """Clip by the strategy's norm where it has one (`optim.clip_scope=paper` on NeFT: the authors' dense
+        up/down norm); else Lightning's norm over the optimizer's parameters."""
+        norm = None if self._clip_probe is None else self._clip_probe.take()
         if norm is None or not gradient_clip_val:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
@@ -159,12 +158,12 @@ class CausalLMModule(L.LightningModule):
         checkpoint["strategy"] = self.strategy.name
 
 
-def _paper_clip_norm(model: nn.Module, strategy: TrainingStrategy, scope: str) -> DenseGradNorm | None:
-    """The probe for `clip_scope=paper` where the authors' clipping set is not what trains (NeFT)."""
+def _clip_norm_probe(model: nn.Module, strategy: TrainingStrategy, scope: str) -> GradNormProbe | None:
+    """The strategy's probe of the norm to clip by under `optim.clip_scope=scope`, or None (the optimizer's
+    parameters' norm)."""
     if scope not in CLIP_SCOPES:
         raise ConfigError(f"unknown optim.clip_scope '{scope}': choose one of {CLIP_SCOPES}")
-    modules = strategy.paper_clip_modules(model) if scope == "paper" else None
-    return None if modules is None else DenseGradNorm(model, modules)
+    return strategy.clip_norm_probe(model, scope)
 
 
 def parse_horizon(value: int | str | None, key: str = "optim.horizon") -> tuple[int, str] | None:

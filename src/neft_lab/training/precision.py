@@ -13,13 +13,13 @@ while frozen weights may stay in the model's dtype (bfloat16 saves half of their
 - LoRA: PEFT already keeps its adapters in float32.
 
 `optim.master_dtype=null` trains every tensor in the model's dtype instead (half the optimizer memory,
-lossy updates) — a documented departure, never the default.
+lossy updates) — a documented departure, never the default. The cast itself: `neft_lab.masters.keep_trainable_in`
+(shared with the library).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from neft_lab.errors import ConfigError
 from neft_lab.training.options import check_master_dtype
@@ -32,23 +32,6 @@ TRUE_HALF_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
 def master_dtype(name: str | None) -> torch.dtype | None:
     """`optim.master_dtype` as a dtype: float32 (the default) or None (train in the model's dtype)."""
     return torch.float32 if check_master_dtype(name) else None
-
-
-@torch.no_grad()
-def keep_trainable_in(model: nn.Module, dtype: torch.dtype | None) -> int:
-    """Cast every trainable parameter to `dtype` in place (before the optimizer exists); returns how many moved.
-
-    The Parameter objects stay the same (only `.data` changes), so strategies that hold references to
-    them (fused slices, PEFT adapters) keep working.
-    """
-    if dtype is None:
-        return 0
-    moved = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-            moved += 1
-    return moved
 
 
 def check_precision(model_dtype: str, trainer_precision: str | int, master: str | None) -> None:

@@ -35,10 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from neft_lab.data.encoding import IGNORE_INDEX
 from neft_lab.errors import ConfigError
+from neft_lab.losses import IGNORE_INDEX, target_token_loss
 from neft_lab.neurons.geometry import NeuronSpace
-from neft_lab.training.loss import target_token_loss
 
 logger = logging.getLogger(__name__)
 

@@ -497,7 +497,7 @@ def _skeleton(cfg: DictConfig) -> nn.Module | None:
 def check_selection(cfg: DictConfig) -> None:
     """What a NeFT selection can be checked for before any model is loaded or reference run starts:
     the method, the files it reads, the budget's kind and range, the pooling, the reference run's settings."""
-    from neft_lab.validation import number, require_int, require_number, value_of
+    from neft_lab.config_checks import number, require_int, require_number, value_of
 
     sel = cfg.selection
     method = selection_method(sel)
@@ -564,3 +564,29 @@ def check_selection(cfg: DictConfig) -> None:
                 '{"text": ..., "label": ...}, or null to probe source-vs-target language on the task\'s training data)'
             )
         require_int(cfg, "selection.activation_ridge.max_examples", 2)
+
+
+def check_chain_stage(cfg: DictConfig, stage: str) -> None:
+    """stage=reference/score/select: a scored selection whose settings can run (the strategy is not used)."""
+    from neft_lab.config_checks import check_writable_folder, resolving, value_of
+    from neft_lab.models.loading import check_model_config
+
+    with resolving("model"):
+        check_model_config(cfg.model)
+    if value_of(cfg, "selection.name") in (None, "none"):
+        raise ConfigError(
+            f"stage={stage} needs a scored selection: add selection=cosine (the paper), selection=gradient, "
+            "selection=lora_reference, selection=probe or selection=activation_probe"
+        )
+    method = selection_method(cfg.selection)
+    if method not in SCORED_METHODS:
+        raise ConfigError(
+            f"stage={stage} runs the scoring chain, but selection.method={method} needs no scores: "
+            "train directly with stage=fit"
+        )
+    if stage == "reference" and scorer_of(cfg) not in REFERENCE_SCORERS:
+        raise ConfigError(
+            f"stage=reference: selection.scorer={scorer_of(cfg)} needs no reference run; go on with stage=score"
+        )
+    check_selection(cfg)
+    check_writable_folder(cfg, "paths.cache_dir")
