@@ -136,6 +136,28 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def run_in_process(steps: list[str], tmp_path: Path, run_dir: Path, *extra: str) -> None:
+    """One run of `steps` (+ `extra`) in this process, in `run_dir`, with a cache of its own under `tmp_path`."""
+    from neft_lab.config import compose
+    from neft_lab.pipeline import run
+
+    run(compose([*steps, f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]))
+
+
+def exported_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def same_exported_weights(a: Path, b: Path) -> bool:
+    """Whether two runs exported bit-identical weights (a resumed run against the uninterrupted one)."""
+    import torch
+
+    wa, wb = exported_weights(a), exported_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 class CrashAtStep:
     """A Lightning callback that kills training at a given step (for resume tests): `+callbacks.crash._target_=conftest.CrashAtStep`."""
 

@@ -55,6 +55,7 @@ JOBS = {
     "ddp_neft": ["trainer=ddp", *NEFT],  # impl=fused, the default
     "fsdp_full": ["trainer=fsdp", "strategy=full"],
     "fsdp_neft": ["torchrun", "trainer=fsdp", *NEFT, "strategy.impl=delta"],
+    "fsdp_neft_fused": ["trainer=fsdp", *NEFT],  # the vectors written into the weight shards after each step
 }
 
 
@@ -104,7 +105,9 @@ def _check_once(output: str, run_dir: Path) -> None:
     assert read_metrics(run_dir)["train"]["steps"] == 6
 
 
-@pytest.mark.parametrize("name", ["ddp_full", "ddp_lora", "ddp_neft", "fsdp_full", "fsdp_neft"])
+@pytest.mark.parametrize(
+    "name", ["ddp_full", "ddp_lora", "ddp_neft", "fsdp_full", "fsdp_neft", "fsdp_neft_fused"]
+)
 def test_two_process_job_trains_and_writes_results_once(jobs, name):
     output, run_dir = jobs[name].result()
     _check_once(output, run_dir)
@@ -176,11 +179,38 @@ def test_fsdp_neft_delta_matches_ddp_neft_fused(jobs):
     assert sum(v.numel() for k, v in delta.items() if k.endswith(".vectors")) == metrics["neuron_parameters"]
 
 
-@pytest.mark.parametrize("impl", ["fused", "masked"])
-def test_fsdp_refuses_in_place_neft_layers_before_starting(impl, tmp_path):
-    cfg = compose(["experiment=smoke", "trainer=fsdp", "strategy=neft", f"strategy.impl={impl}"])
+def test_fsdp_neft_fused_matches_ddp_neft_fused_and_leaves_the_rest_bit_identical(jobs):
+    """Issue 21: fused NeFT under FSDP2 (2 gloo processes) ends where DDP does; every weight entry outside the
+    selected vectors is the base's, bit for bit, after the writes into the shards."""
+    ddp_dir, fsdp_dir = jobs["ddp_neft"].result()[1], jobs["fsdp_neft_fused"].result()[1]
+    metrics = read_metrics(fsdp_dir)
+    assert metrics["impl"] == "fused" and metrics["trainable_parameters"] == metrics["neuron_parameters"]
+    neuron_set = NeuronSet.load(fsdp_dir / "neuron_set.safetensors")
+    assert neuron_set.overlap(NeuronSet.load(ddp_dir / "neuron_set.safetensors")) == 1.0
+    ddp, fsdp = _weights(ddp_dir), _weights(fsdp_dir)
+    for name, tensor in fsdp.items():
+        torch.testing.assert_close(tensor, ddp[name], atol=1e-4, rtol=1e-4, msg=f"{name}: FSDP ≠ DDP")
+    base = build_tiny_model("llama")[0].state_dict()
+    delta = load_file(str(fsdp_dir / "neft_delta.safetensors"))
+    changed = 0
+    for key in [k for k in delta if k.endswith(".indices")]:
+        module, axis = key.removesuffix(".indices"), int(delta[key.replace(".indices", ".axis")])
+        weight, before = fsdp[f"{module}.weight"], base[f"{module}.weight"]
+        keep = torch.ones(weight.shape[axis], dtype=torch.bool)
+        keep[delta[key]] = False
+        assert torch.equal(
+            weight.index_select(axis, keep.nonzero()[:, 0]), before.index_select(axis, keep.nonzero()[:, 0])
+        )
+        changed += int(
+            not torch.equal(weight.index_select(axis, delta[key]), before.index_select(axis, delta[key]))
+        )
+    assert changed > 0  # the selected vectors trained
+
+
+def test_fsdp_refuses_the_masked_layer_before_starting(tmp_path):
+    cfg = compose(["experiment=smoke", "trainer=fsdp", "strategy=neft", "strategy.impl=masked"])
     assert uses_fsdp2(cfg.trainer) and not uses_fsdp2(compose(["trainer=ddp"]).trainer)
-    with pytest.raises(ConfigError, match="Use strategy.impl=delta with trainer=fsdp"):
+    with pytest.raises(ConfigError, match="Use strategy.impl=fused or delta with trainer=fsdp"):
         build_strategy(cfg.strategy).prepare(StrategyContext(cfg=cfg, cache_dir=tmp_path))
 
 

@@ -17,12 +17,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics, run_cli
-from neft_lab.config import compose
+from conftest import REPO, exported_weights, read_metrics, run_cli, run_in_process, same_exported_weights
 from neft_lab.errors import ConfigError
-from neft_lab.pipeline import run
 from neft_lab.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 
 STEPS = [
@@ -39,21 +36,12 @@ STEPS = [
 
 
 def _in_process(tmp_path: Path, run_dir: Path, *extra: str) -> None:
-    run(compose([*STEPS, f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]))
+    run_in_process(STEPS, tmp_path, run_dir, *extra)
 
 
 def _cli(tmp_path: Path, run_dir: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     args = [*STEPS, f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]
     return run_cli(args, cwd=tmp_path, timeout=timeout)
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "export" / "model.safetensors"))
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    wa, wb = _weights(a), _weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +92,7 @@ def test_killed_run_resumes_bit_equal(tmp_path, uninterrupted, monkeypatch, sign
         assert killed.returncode == -signal.SIGKILL and last["global_step"] == 10
     resumed = _cli(tmp_path, run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _same_weights(uninterrupted, run_dir)
+    assert same_exported_weights(uninterrupted, run_dir)
 
 
 @pytest.mark.fault
@@ -177,7 +165,7 @@ def test_full_disk_while_saving_keeps_a_resumable_run(tmp_path, uninterrupted):
     finally:
         subprocess.run(["umount", str(mount)])
     _in_process(tmp_path, moved, "callbacks.model_checkpoint.save_top_k=2")
-    assert _same_weights(uninterrupted, moved)
+    assert same_exported_weights(uninterrupted, moved)
 
 
 @pytest.mark.fault
@@ -243,7 +231,7 @@ def test_a_moved_run_folder_restores_its_own_best_checkpoint(tmp_path):
     _in_process(tmp_path, moved, keep_first_best)
     best = Path(read_metrics(moved)["train"]["best_checkpoint"])
     assert best.parent == moved / "checkpoints" and best.name.startswith("step000005")
-    exported, saved = _weights(moved), load_checkpoint(best)["state_dict"]
+    exported, saved = exported_weights(moved), load_checkpoint(best)["state_dict"]
     assert all(torch.equal(exported[k.removeprefix("model.")], v) for k, v in saved.items())
 
 
@@ -268,7 +256,7 @@ def test_a_corrupted_last_checkpoint_falls_back_to_the_previous_good_one(
     broken.replace(last)
     _in_process(tmp_path, run_dir)
     assert "last.ckpt is truncated or corrupted: resuming from" in caplog.text
-    assert _same_weights(uninterrupted, run_dir)
+    assert same_exported_weights(uninterrupted, run_dir)
 
 
 class _Payload:

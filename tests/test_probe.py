@@ -332,7 +332,8 @@ def test_the_paper_probe_needs_the_users_classification_file(tiny_overrides, tmp
 
 
 def test_the_paper_probe_selects_its_highest_scores_and_keys_its_cache(tiny_overrides, tmp_path):
-    from neft_lab.neurons import scores_file, workflow
+    from neft_lab import selection_workflow as workflow
+    from neft_lab.neurons import scores_file
     from neft_lab.neurons.neuron_set import NeuronSet
     from neft_lab.pipeline import run
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli, run_in_process
 from neft_lab.config import compose
 from neft_lab.errors import ConfigError
 from neft_lab.pipeline import run
@@ -37,7 +37,7 @@ CRASH = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.ste
 
 
 def _in_process(tmp_path: Path, run_dir: Path, *extra: str) -> None:
-    run(compose([*STEPS, f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]))
+    run_in_process(STEPS, tmp_path, run_dir, *extra)
 
 
 def _crashed(tmp_path: Path, run_dir: Path, *extra: str) -> Path:

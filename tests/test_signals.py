@@ -14,13 +14,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 from hydra.experimental.callback import Callback
-from safetensors.torch import load_file
 
-from conftest import REPO, free_port, read_metrics
-from neft_lab.config import compose
-from neft_lab.pipeline import run
+from conftest import REPO, free_port, read_metrics, run_in_process, same_exported_weights
 from neft_lab.training.checkpoints import load_checkpoint
 
 STEPS = [
@@ -50,13 +46,7 @@ def _cli(tmp_path: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProc
 
 
 def _in_process(tmp_path: Path, run_dir: Path, *extra: str) -> None:
-    run(compose([*STEPS, f"paths.run_dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *extra]))
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    wa = load_file(str(a / "export" / "model.safetensors"))
-    wb = load_file(str(b / "export" / "model.safetensors"))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    run_in_process(STEPS, tmp_path, run_dir, *extra)
 
 
 def _csv_log(run_dir: Path) -> dict[tuple[int, str], str]:
@@ -134,7 +124,7 @@ def test_a_signal_mid_step_or_validation_resumes_bit_equal_with_the_same_log(
         assert "Traceback" not in killed.stderr
     resumed = _cli(tmp_path, run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _same_weights(uninterrupted, run_dir)
+    assert same_exported_weights(uninterrupted, run_dir)
     assert _csv_log(run_dir) == _csv_log(uninterrupted)
     assert read_metrics(run_dir)["train"]["best_checkpoint"].endswith(
         Path(read_metrics(uninterrupted)["train"]["best_checkpoint"]).name

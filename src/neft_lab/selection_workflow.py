@@ -568,8 +568,17 @@ def check_selection(cfg: DictConfig) -> None:
 
 def check_chain_stage(cfg: DictConfig, stage: str) -> None:
     """stage=reference/score/select: a scored selection whose settings can run (the strategy is not used)."""
-    from neft_lab.config_checks import check_writable_folder, resolving, value_of
+    from neft_lab.config_checks import (
+        check_common,
+        check_training,
+        check_writable_folder,
+        resolving,
+        value_of,
+    )
     from neft_lab.models.loading import check_model_config
+
+    check_common(cfg)
+    check_training(cfg)
 
     with resolving("model"):
         check_model_config(cfg.model)

@@ -175,6 +175,27 @@ class _SlicedLinearFn(torch.autograd.Function):
         return grad_x, None, grad_b, grad_v, None, None
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"  # without importing torch.distributed where it is not used
+
+
+def _shard_rows(stored: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, end) of a DTensor sharded on dim 0 (torch.chunk's split, as FSDP2 uses) that this rank
+    holds; all of them for a plain tensor."""
+    rows = stored.shape[0]
+    if not _is_dtensor(stored):
+        return 0, rows
+    from torch.distributed.tensor import Shard
+
+    placement = stored.placements[0]
+    if len(stored.placements) != 1 or not (isinstance(placement, Shard) and placement.dim == 0):
+        raise RuntimeError(f"fused NeFT expects FSDP2's Shard(0) weights, got {stored.placements}")
+    mesh = stored.device_mesh
+    chunk = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # masked: the authors' dense variant
 
@@ -219,6 +240,7 @@ class SlicedLinear(nn.Module):
         self.register_buffer("indices", indices.to(weight.device), persistent=True)
         self._hook = None
         self._synced_version = -1
+        self.sharded = False  # under FSDP2 (training.distributed.shard): forward sees gathered copies
         if impl == "fused":
             self.vectors = nn.Parameter(weight.detach().index_select(axis, self.indices).clone())
             self._synced_version = self.vectors._version
@@ -250,12 +272,38 @@ class SlicedLinear(nn.Module):
 
     @torch.no_grad()
     def sync(self) -> None:
-        """fused: copy the slice parameter into the live weight (in place, same storage)."""
+        """fused: copy the slice parameter into the live weight (in place, same storage). Under FSDP2 (the weight
+        and the vectors sharded DTensors) a collective: every rank calls it, and each writes into its own shard."""
         if self.impl != "fused":
             return
-        weight = self.weight_a
-        weight.index_copy_(self.axis, self.indices, self.vectors.detach().to(weight.dtype))
+        if _is_dtensor(self.base.weight) or _is_dtensor(self.vectors):
+            self._sync_shard()
+        else:
+            weight = self.weight_a
+            weight.index_copy_(self.axis, self.indices, self.vectors.detach().to(weight.dtype))
         self._synced_version = self.vectors._version
+
+    def _sync_shard(self) -> None:
+        """FSDP2 shards the stored weight and the vectors along their first dimension, each on its own: the
+        vectors are all-gathered (what FSDP2 does before every forward anyway), and each rank writes the
+        selected entries that fall into the rows of the weight it holds."""
+        vectors = self.vectors.detach()
+        full = vectors.full_tensor() if _is_dtensor(vectors) else vectors
+        stored = self.base.weight.detach()
+        local = stored.to_local() if _is_dtensor(stored) else stored
+        start, end = _shard_rows(stored)
+        if local.shape[0] != end - start:
+            raise RuntimeError(
+                f"unexpected FSDP2 shard of {tuple(stored.shape)}: {tuple(local.shape)} local rows"
+            )
+        conv = isinstance(self.base, Conv1D)
+        values = (full.t() if conv else full).to(local.dtype)  # in the stored orientation
+        indices = self.indices.to(local.device)
+        if (1 - self.axis if conv else self.axis) == 0:  # selected stored rows: those this rank holds
+            mine = (indices >= start) & (indices < end)
+            local.index_copy_(0, indices[mine] - start, values[mine.to(values.device)])
+        else:  # selected stored columns: this rank's rows of them
+            local.index_copy_(1, indices, values[start:end])
 
     def slice_values(self) -> torch.Tensor:
         """The current trained vectors (A orientation), detached."""
@@ -292,8 +340,8 @@ class SlicedLinear(nn.Module):
                     "the base weight of a fused sliced module must stay frozen (its gradient would be "
                     "dropped): train the slice parameter `vectors`, or merge() and train densely"
                 )
-            if self.vectors._version != self._synced_version:  # optimizer step or load since last sync
-                self.sync()
+            if self.vectors._version != self._synced_version and not self.sharded:  # a step or load since
+                self.sync()  # the last sync (under FSDP2 the step syncs the shards: CausalLMModule)
             if torch.is_grad_enabled() and (self.vectors.requires_grad or x.requires_grad):
                 return _SlicedLinearFn.apply(x, weight, bias, self.vectors, self.indices, self.axis)
             return F.linear(x, weight, bias)

@@ -8,14 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from neft_lab.config_checks import check_common, check_training
-
 logger = logging.getLogger(__name__)
 
 
 def check(cfg: DictConfig) -> None:
-    check_common(cfg)
-    check_training(cfg)
     from neft_lab.selection_workflow import check_chain_stage  # imports torch: only for this stage
 
     check_chain_stage(cfg, "score")

@@ -47,10 +47,11 @@ class NeftStrategy(TrainingStrategy):
                 f"strategy={self.name} needs a neuron selection: e.g. selection=cosine or "
                 "selection=from_file selection.file=<set>.safetensors"
             )
-        if self.impl != "delta" and uses_fsdp2(cfg.get("trainer")):
+        if self.impl == "masked" and uses_fsdp2(cfg.get("trainer")):
             raise ConfigError(
-                f"strategy.impl={self.impl} cannot train under trainer=fsdp: FSDP2 shards the weights that "
-                "fused (and masked) change in place. Use strategy.impl=delta with trainer=fsdp, or trainer=ddp"
+                "strategy.impl=masked cannot train under trainer=fsdp: it trains the whole dense up/down weights "
+                "with a gradient mask (the authors' form, kept for benchmarks). Use strategy.impl=fused or delta "
+                "with trainer=fsdp, or trainer=ddp"
             )
         check_selection(cfg)
         if str((cfg.get("optim") or {}).get("clip_scope", "selected")) == "paper":

@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from neft_lab.neurons.sliced import SlicedLinear
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +98,9 @@ def shard(model: nn.Module, mesh: Any) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
+    for module in sharded.modules():  # fused NeFT: the optimizer step writes the vectors into the weight shards
+        if isinstance(module, SlicedLinear):
+            module.sharded = True
     if mesh.get_rank() == 0:
         logger.info("FSDP2: %d decoder layers + root sharded over %d processes", len(layers), mesh.size())
     return sharded
