@@ -19,7 +19,7 @@ import torch
 import torch.distributed
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli
 from neft_lab.config import compose
 from neft_lab.errors import ConfigError
 from neft_lab.models.loading import load_pretrained
@@ -56,6 +56,7 @@ JOBS = {
     "fsdp_full": ["trainer=fsdp", "strategy=full"],
     "fsdp_neft": ["torchrun", "trainer=fsdp", *NEFT, "strategy.impl=delta"],
     "fsdp_neft_fused": ["trainer=fsdp", *NEFT],  # the vectors written into the weight shards after each step
+    "fsdp_lora": ["trainer=fsdp", "strategy=lora"],
 }
 
 
@@ -106,7 +107,7 @@ def _check_once(output: str, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["ddp_full", "ddp_lora", "ddp_neft", "fsdp_full", "fsdp_neft", "fsdp_neft_fused"]
+    "name", ["ddp_full", "ddp_lora", "ddp_neft", "fsdp_full", "fsdp_neft", "fsdp_neft_fused", "fsdp_lora"]
 )
 def test_two_process_job_trains_and_writes_results_once(jobs, name):
     output, run_dir = jobs[name].result()
@@ -205,6 +206,37 @@ def test_fsdp_neft_fused_matches_ddp_neft_fused_and_leaves_the_rest_bit_identica
             not torch.equal(weight.index_select(axis, delta[key]), before.index_select(axis, delta[key]))
         )
     assert changed > 0  # the selected vectors trained
+
+
+def test_fsdp_lora_trains_the_same_adapters_as_ddp(jobs):
+    """The comparison holds under FSDP2 too: LoRA's adapters end where DDP's do."""
+    ddp_dir, fsdp_dir = jobs["ddp_lora"].result()[1], jobs["fsdp_lora"].result()[1]
+    ddp = load_file(str(ddp_dir / "export" / "adapter_model.safetensors"))
+    fsdp = load_file(str(fsdp_dir / "export" / "adapter_model.safetensors"))
+    assert fsdp.keys() == ddp.keys() and any("lora_B" in k and v.abs().sum() > 0 for k, v in fsdp.items())
+    for name, tensor in fsdp.items():
+        torch.testing.assert_close(tensor, ddp[name], atol=1e-4, rtol=1e-4, msg=f"{name}: FSDP ≠ DDP")
+
+
+def test_fsdp_neft_fused_resumes_after_a_crash_where_the_uninterrupted_run_ends(jobs, tmp_path, monkeypatch):
+    """Killed at step 4 (its last checkpoint: step 3), the same command resumes under FSDP2 and ends with the
+    uninterrupted run's weights."""
+    args = [*TWO_CPU_PROCESSES, "trainer=fsdp", *NEFT, f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    crash = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=4"]
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    )
+    crashed = run_cli([*args, *crash], tmp_path, 300)
+    assert crashed.returncode != 0 and "simulated crash at step 4" in crashed.stdout + crashed.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    resumed = run_cli(args, tmp_path, 300)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert "resuming from" in output and read_metrics(tmp_path / "run")["train"]["steps"] == 6
+    whole = _weights(jobs["fsdp_neft_fused"].result()[1])
+    for name, tensor in _weights(tmp_path / "run").items():
+        torch.testing.assert_close(tensor, whole[name], atol=1e-6, rtol=1e-6, msg=f"{name}: resumed ≠ whole")
 
 
 def test_fsdp_refuses_the_masked_layer_before_starting(tmp_path):
