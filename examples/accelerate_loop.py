@@ -60,7 +60,7 @@ model.print_trainable_parameters()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 model, optimizer, data = accelerator.prepare(model, optimizer, data)  # DDP, devices, bf16 autocast
 model.train()
-for step, batch in zip(range(args.steps), data):
+for _, batch in zip(range(args.steps), data):
     loss = model(**batch).loss
     accelerator.backward(loss)
     optimizer.step()

@@ -98,7 +98,8 @@ def shard(model: nn.Module, mesh: Any) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
-    for module in sharded.modules():  # fused NeFT: the optimizer step writes the vectors into the weight shards
+    # fused NeFT: the optimizer step writes the vectors into the weight shards (SlicedLinear._sync_shard)
+    for module in sharded.modules():
         if isinstance(module, SlicedLinear):
             module.sharded = True
     if mesh.get_rank() == 0:
