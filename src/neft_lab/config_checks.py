@@ -293,6 +293,12 @@ def check_model_and_strategy(cfg: DictConfig) -> None:
     with resolving("strategy"):
         strategy = build_strategy(cfg.strategy)
         strategy.check_config(cfg)
+    quantization = value_of(cfg, "model.quantization")
+    if quantization is not None and strategy.quantized_base is None:
+        raise ConfigError(
+            f"model.quantization={quantization} with strategy={strategy.name}: a 4-bit base stays frozen, and this "
+            "strategy trains every weight; use strategy=neft or strategy=lora (QLoRA), or model.quantization=null"
+        )
     if getattr(strategy, "uses_selection", False) or value_of(cfg, "model.source") == "gemma_gguf":
         check_writable_folder(cfg, "paths.cache_dir")  # the reference run, scores, the converted Gemma
 

@@ -45,7 +45,7 @@ DATA_SCORERS = ("gradient",)  # scorers that read the task's training data thems
 NOT_WEIGHTS = (
     "stage", "ckpt", "resume", "threads", "experiment_name", "report", "eval", "export", "logger",
     "callbacks", "paths", "strategy", "selection", "budget", "hydra",
-    "model.cache_dir",
+    "model.cache_dir", "model.quantization",  # the reference is a full fine-tune, never on a 4-bit base
     "optim.clip_scope",  # NeFT's clipping norm; the reference is a full fine-tune, where every gradient is selected
     "task.stop", "task.metrics", "task.max_new_tokens", "task.bleu_lowercase",
     "task.max_new_tokens_ratio", "task.no_repeat_ngram_size", "task.newlines",  # decoding only
@@ -131,6 +131,7 @@ def reference_config(cfg: DictConfig) -> dict[str, Any]:
         cfg.selection.lora_reference.lr if scorer_of(cfg) == "lora_reference" else ref.lr
     )
     derived["loader"]["batch_size"] = int(ref.batch_size)
+    derived["model"]["quantization"] = None  # a full fine-tune trains every weight: never on a 4-bit base
     derived["trainer"].update(
         max_steps=int(ref.steps),
         max_epochs=-1,  # K steps, whatever the run's own epochs

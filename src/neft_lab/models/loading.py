@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import socket
@@ -96,6 +97,15 @@ def check_model_config(cfg: Any) -> str:
     if source == "hub" and not _get(cfg, "name_or_path"):
         raise ConfigError("model=hub needs model.name_or_path=<hub id or local folder>")
     torch_dtype(_get(cfg, "dtype", "float32"))
+    quantization = _get(cfg, "quantization", None)
+    if quantization not in (None, "nf4", "fp4"):
+        raise ConfigError(
+            f"model.quantization={quantization!r}: choose nf4 (QLoRA's 4-bit NormalFloat), fp4, or null (no quantization)"
+        )
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:  # found, not imported
+        raise ConfigError(
+            f"model.quantization={quantization} needs bitsandbytes: pip install 'neft_lab[quant]'"
+        )
     if source == "tiny":
         check_tiny_config(_get(cfg, "tiny", {}) or {})
     elif source == "hub":

@@ -241,6 +241,7 @@ class SlicedLinear(nn.Module):
         self._hook = None
         self._synced_version = -1
         self.sharded = False  # under FSDP2 (training.distributed.shard): forward sees gathered copies
+        self.quantized = False  # a 4-bit base (use_quantized_base): the slice is added to its output
         if impl == "fused":
             self.vectors = nn.Parameter(weight.detach().index_select(axis, self.indices).clone())
             self._synced_version = self.vectors._version
@@ -257,11 +258,35 @@ class SlicedLinear(nn.Module):
 
     @property
     def weight_a(self) -> torch.Tensor:
+        if self.quantized:
+            raise RuntimeError("a 4-bit base has no weight to read or write: use its dequantized slice")
         return linear_weight(self.base)
 
     def extra_repr(self) -> str:
         kind = "rows" if self.axis == 0 else "columns"
-        return f"impl={self.impl}, {kind}={self.indices.numel()} of {self.weight_a.shape[self.axis]}"
+        size = (self.base.out_features, self.base.in_features)[self.axis] if self.quantized else None
+        size = size or self.weight_a.shape[self.axis]
+        return f"impl={self.impl}, {kind}={self.indices.numel()} of {size}" + (
+            ", 4-bit base" if self.quantized else ""
+        )
+
+    @torch.no_grad()
+    def use_quantized_base(self, quantized: nn.Module) -> None:
+        """Swap the frozen base for its 4-bit form (`neurons/quantized.py`). The forward is then the 4-bit layer's
+        output plus the slice's difference to the dequantized base slice (kept as a buffer): `fused` vectors
+        keep their exact values (from the unquantized weights, when attached before), `delta` adds to the
+        4-bit base. Nothing is written into the 4-bit weight, so there is no `sync` and no `merge`."""
+        from neft_lab.neurons.quantized import dequantized_weight
+
+        if self.impl == "masked":
+            raise ValueError("impl=masked trains the dense base weight: it cannot sit on a 4-bit base")
+        dequantized = dequantized_weight(quantized).to(self.indices.device)
+        master = self.vectors.dtype if self.impl == "fused" else self.delta.dtype
+        self.register_buffer(
+            "base_slice", dequantized.index_select(self.axis, self.indices).to(master), persistent=False
+        )
+        self.base = quantized
+        self.quantized = True
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         if self.impl == "fused":
@@ -274,7 +299,7 @@ class SlicedLinear(nn.Module):
     def sync(self) -> None:
         """fused: copy the slice parameter into the live weight (in place, same storage). Under FSDP2 (the weight
         and the vectors sharded DTensors) a collective: every rank calls it, and each writes into its own shard."""
-        if self.impl != "fused":
+        if self.impl != "fused" or self.quantized:
             return
         if _is_dtensor(self.base.weight) or _is_dtensor(self.vectors):
             self._sync_shard()
@@ -310,7 +335,7 @@ class SlicedLinear(nn.Module):
         with torch.no_grad():
             if self.impl == "fused":
                 return self.vectors.detach().clone()
-            base = self.weight_a.index_select(self.axis, self.indices)
+            base = self.base_slice if self.quantized else self.weight_a.index_select(self.axis, self.indices)
             if self.impl == "delta":  # in the master's precision: a bf16 sum would round the update away
                 dtype = torch.promote_types(base.dtype, self.delta.dtype)
                 return base.to(dtype) + self.delta.detach().to(dtype)
@@ -319,6 +344,11 @@ class SlicedLinear(nn.Module):
     @torch.no_grad()
     def merged_module(self) -> nn.Module:
         """Fold the slice into the base weight and hand back the plain module (all frozen)."""
+        if self.quantized:
+            raise ValueError(
+                "cannot merge into a 4-bit weight: export the delta (delta_state / save_pretrained) and apply it "
+                "to the unquantized base"
+            )
         if self.impl == "fused":
             self.sync()
         elif self.impl == "delta":  # base + delta summed in the master's precision, rounded once
@@ -333,6 +363,10 @@ class SlicedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.impl == "masked":
             return self.base(x)
+        if self.quantized:  # the 4-bit layer's output, plus the slice's difference to its base slice
+            y = self.base(x)
+            change = self.vectors - self.base_slice if self.impl == "fused" else self.delta
+            return _add_slice(y, x, change.to(x.dtype), self.indices, self.axis)
         weight, bias = self.weight_a, self.base.bias
         if self.impl == "fused":
             if weight.requires_grad:
@@ -347,9 +381,16 @@ class SlicedLinear(nn.Module):
             return F.linear(x, weight, bias)
         y = F.linear(x, weight, bias)
         delta = self.delta.to(x.dtype)  # a float32 master next to a bf16 model (no-op under autocast's cast)
-        if self.axis == 0:
-            return y.index_add(-1, self.indices, F.linear(x, delta).to(y.dtype))
-        return y + F.linear(x.index_select(-1, self.indices), delta).to(y.dtype)
+        return _add_slice(y, x, delta, self.indices, self.axis)
+
+
+def _add_slice(
+    y: torch.Tensor, x: torch.Tensor, change: torch.Tensor, indices: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """`y` plus the output of a change to the selected rows (axis 0: [k, in]) or columns (axis 1: [out, k])."""
+    if axis == 0:
+        return y.index_add(-1, indices, F.linear(x, change).to(y.dtype))
+    return y + F.linear(x.index_select(-1, indices), change).to(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

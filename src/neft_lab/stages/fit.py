@@ -81,7 +81,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     )
     datamodule.setup()
     ctx.datamodule = datamodule
+    quantization = cfg.model.get("quantization")
+    if quantization and strategy.quantized_base == "before":  # LoRA: the adapters sit on the 4-bit layers
+        _quantize(model, cfg, include_trainable=True)
     model = strategy.apply(model, ctx)
+    if quantization and strategy.quantized_base == "after":  # NeFT: slices cut from the exact weights first
+        _quantize(model, cfg)
     summary = strategy.summary(model, base_parameters)
     where = "reference run dir" if nested_run() else "run dir"  # the NeFT reference run is nested in its run
     logger.info("%s\n%s: %s", _summary_line(cfg, summary), where, run_dir)
@@ -147,6 +152,19 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     finish_loggers(trainer)
     print_outcome(results, run_dir)
     return main_metric(results.get("after"))
+
+
+def _quantize(model: torch.nn.Module, cfg: DictConfig, include_trainable: bool = False) -> None:
+    """`model.quantization`: the frozen linear layers stored in 4 bits (bitsandbytes), computing in the model's dtype."""
+    from neft_lab.models.loading import torch_dtype
+    from neft_lab.neurons.quantized import quantize_frozen_linears
+
+    count = quantize_frozen_linears(
+        model, cfg.model.quantization, torch_dtype(cfg.model.dtype), include_trainable=include_trainable
+    )
+    logger.info(
+        "model.quantization=%s: %d frozen linear layers stored in 4 bits", cfg.model.quantization, count
+    )
 
 
 def _summary_line(cfg: DictConfig, summary: dict[str, Any]) -> str:

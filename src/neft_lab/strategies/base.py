@@ -41,6 +41,10 @@ class StrategyContext:
 
 class TrainingStrategy(ABC):
     name: str = "base"
+    # with model.quantization (a 4-bit frozen base, neurons/quantized.py): quantize the loaded model "before"
+    # `apply` (LoRA: PEFT wraps the 4-bit layers, QLoRA), "after" it (NeFT: the slices are cut from the exact
+    # weights, then their bases stored in 4 bits), or None: this strategy cannot train on a 4-bit base
+    quantized_base: str | None = "after"
 
     def check_config(self, cfg: Any) -> None:
         """Refuse settings of the whole run config this strategy cannot train with; called before any model or

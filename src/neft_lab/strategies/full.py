@@ -13,6 +13,7 @@ from neft_lab.strategies.base import StrategyContext, TrainingStrategy
 
 class FullFineTuning(TrainingStrategy):
     name = "full"
+    quantized_base = None  # every weight trains: nothing stays frozen to store in 4 bits
 
     def __init__(self, train_embeddings: bool = True) -> None:
         self.train_embeddings = train_embeddings

@@ -39,6 +39,7 @@ def matched_rank(model: nn.Module, share: float) -> int:
 
 class LoraStrategy(TrainingStrategy):
     name = "lora"
+    quantized_base = "before"  # QLoRA: the adapters sit on the 4-bit layers
 
     def __init__(
         self,
@@ -66,6 +67,13 @@ class LoraStrategy(TrainingStrategy):
 
     def check_config(self, cfg: Any) -> None:
         """`strategy.r=match` reads the top-level `budget`: a share of all parameters in (0, 1]."""
+        quantized = (cfg.get("model") or {}).get("quantization") if cfg is not None else None
+        if quantized and self.merge_on_export:
+            raise ConfigError(
+                f"strategy.merge_on_export=true with model.quantization={quantized}: adapters cannot be merged "
+                "into 4-bit weights; export the adapter (merge_on_export=false) and merge it into the unquantized "
+                "base with stage=export"
+            )
         if self.r == "match":
             Budget("share", budget_share(cfg.budget)).check("budget")
         if self.adapter_dtype != "float32":

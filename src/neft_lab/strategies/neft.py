@@ -53,6 +53,17 @@ class NeftStrategy(TrainingStrategy):
                 "with a gradient mask (the authors' form, kept for benchmarks). Use strategy.impl=fused or delta "
                 "with trainer=fsdp, or trainer=ddp"
             )
+        quantized = (cfg.get("model") or {}).get("quantization")
+        if quantized and (self.impl == "masked" or self.export_merged):
+            what = (
+                "strategy.impl=masked trains the dense base weights"
+                if self.impl == "masked"
+                else ("strategy.export_merged=true merges into the weights")
+            )
+            raise ConfigError(
+                f"{what}, which model.quantization={quantized} stores in 4 bits: use strategy.impl=fused or delta "
+                "and export the delta (merge it into the unquantized base with stage=export)"
+            )
         check_selection(cfg)
         if str((cfg.get("optim") or {}).get("clip_scope", "selected")) == "paper":
             _check_paper_clipping(cfg.get("trainer") or {})

@@ -37,6 +37,8 @@ class PartialFineTuning(FullFineTuning):
     Subclasses `FullFineTuning` for its export: the result is a complete model, not a delta.
     """
 
+    quantized_base = "after"  # the frozen parts in 4 bits, the trained weights as they are
+
     def __init__(self, name: str = "partial", train: Sequence[str] = (EMBED,)) -> None:
         if isinstance(train, str):  # `strategy.train=embed` on the command line
             train = [train]

@@ -1,0 +1,155 @@
+"""NeFT on a 4-bit frozen base (issue 21 §2): bitsandbytes NF4 linears under float32 vectors, on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import read_metrics
+from library_helpers import INPUT, base_model
+from neft_lab import NeuronConfig, get_neuron_model
+from neft_lab.neurons import sliced
+
+bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit base needs bitsandbytes (the dev extra)")
+from neft_lab.neurons.quantized import is_quantized, quantize_frozen_linears  # noqa: E402
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT).logits
+
+
+def _four_bit_neft(impl: str):
+    model = get_neuron_model(
+        base_model("llama"), NeuronConfig(method="random", budget=0.05, impl=impl, seed=0)
+    )
+    count = quantize_frozen_linears(model.hf_model)
+    return model, count
+
+
+@pytest.mark.parametrize("impl", ["fused", "delta"])
+def test_a_four_bit_base_trains_only_the_selected_vectors(impl):
+    model, count = _four_bit_neft(impl)
+    layers = model.hf_model.model.layers
+    assert count == 7 * len(layers)  # q, k, v, o, gate, up, down of every layer (not the LM head)
+    assert all(is_quantized(m.base) for _, m in sliced._wrappers(model.hf_model))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen |= {n: b.detach().clone() for n, b in model.named_buffers()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=INPUT, labels=INPUT).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = dict(model.named_parameters()) | dict(model.named_buffers())
+    changed = [n for n, before in frozen.items() if not torch.equal(before, after[n])]
+    assert changed == []  # the 4-bit weights (and everything else frozen) bit-identical
+
+
+@pytest.mark.parametrize("impl", ["fused", "delta"])
+def test_the_four_bit_model_is_the_dequantized_base_with_the_trained_slices(impl):
+    """What the 4-bit model computes: every frozen linear at its dequantized NF4 weight, the selected vectors
+    at their trained values; and that is not the unquantized model (the base really is 4-bit)."""
+    from neft_lab.neurons.quantized import dequantized_weight
+
+    model, _ = _four_bit_neft(impl)
+    with torch.no_grad():
+        for _, param in sliced.trainable_slices(model.hf_model):
+            param.add_(0.05)
+    expected = base_model("llama")
+    with torch.no_grad():
+        for name, module in model.hf_model.named_modules():
+            base = module.base if isinstance(module, sliced.SlicedLinear) else module
+            if is_quantized(base) and not name.endswith(".base"):
+                expected.get_submodule(name).weight.copy_(dequantized_weight(base))
+    sliced.apply_delta(expected, sliced.delta_state(model.hf_model))
+    torch.testing.assert_close(_logits(model), _logits(expected), atol=1e-4, rtol=1e-4)
+    error = (_logits(expected) - _logits(base_model("llama"))).abs().mean() / _logits(expected).abs().mean()
+    assert error > 0.01  # NF4 moves a random tiny model's logits by tens of percent: it is quantized
+
+
+@pytest.mark.parametrize("impl", ["fused", "delta"])
+def test_the_delta_of_a_four_bit_run_applies_to_the_unquantized_base(impl):
+    model, _ = _four_bit_neft(impl)
+    with torch.no_grad():
+        for _, param in sliced.trainable_slices(model.hf_model):
+            param.add_(0.05)
+    delta = sliced.delta_state(model.hf_model)
+    plain = base_model("llama")
+    sliced.apply_delta(plain, delta)
+    for key in [k for k in delta if k.endswith(".indices")]:
+        module = key.removesuffix(".indices")
+        axis = int(delta[f"{module}.axis"])
+        weight = plain.get_submodule(module).weight.index_select(axis, delta[key])
+        torch.testing.assert_close(weight, delta[f"{module}.vectors"].to(weight.dtype))
+    error = (_logits(model) - _logits(plain)).abs().mean() / _logits(plain).abs().mean()
+    assert error < 0.5, error  # the same trained model, up to the base's quantization (NF4 on random weights)
+
+
+def test_a_four_bit_base_cannot_be_merged_into():
+    model, _ = _four_bit_neft("fused")
+    with pytest.raises(ValueError, match="cannot merge into a 4-bit weight"):
+        sliced.merge(model.hf_model)
+
+
+# ---- model.quantization in the framework ------------------------------------------------------------------------
+SHORT = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "task.data.embedded.n_train=48",
+    "eval.before=false",
+]
+
+
+@pytest.mark.parametrize("strategy", [["strategy=neft", "selection.reference.steps=4"], ["strategy=lora"]])
+def test_neft_and_lora_train_on_a_four_bit_base(tiny_overrides, tmp_path, strategy, caplog):
+    from neft_lab.config import compose
+    from neft_lab.pipeline import run
+
+    caplog.set_level("INFO")
+    run(compose([*tiny_overrides, *SHORT, *strategy, "model.quantization=nf4"]))
+    assert "model.quantization=nf4: 14 frozen linear layers stored in 4 bits" in caplog.text
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["train"]["steps"] == 6 and metrics["after"]["loss"] < 10
+    if strategy[0] == "strategy=neft":  # the reference run (a full fine-tune) ran on the unquantized model
+        assert caplog.text.count("stored in 4 bits") == 1
+        assert (tmp_path / "run" / "neft_delta.safetensors").exists()
+        # the delta applies to the unquantized base (its hash is of the unquantized weights): stage=eval scores it
+        run(
+            compose(
+                [
+                    *tiny_overrides,
+                    "stage=eval",
+                    f"ckpt={tmp_path / 'run'}",
+                    f"paths.run_dir={tmp_path / 'eval'}",
+                ]
+            )
+        )
+        unquantized = read_metrics(tmp_path / "eval")["after"]["loss"]
+        assert abs(unquantized - metrics["after"]["loss"]) < 0.5 * metrics["after"]["loss"]
+    else:
+        assert (tmp_path / "run" / "export" / "adapter_config.json").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=full"], "a 4-bit base stays frozen, and this strategy trains every weight"),
+        (["strategy=neft", "strategy.impl=masked"], "strategy.impl=masked trains the dense base weights"),
+        (["strategy=lora", "strategy.merge_on_export=true"], "adapters cannot be merged into 4-bit weights"),
+        (["model.quantization=int3"], "model.quantization='int3': choose nf4"),
+    ],
+)
+def test_what_cannot_run_on_a_four_bit_base_is_refused_before_any_work(tiny_overrides, overrides, message):
+    from neft_lab.config import compose
+    from neft_lab.errors import ConfigError
+    from neft_lab.validation import validate
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose([*tiny_overrides, "model.quantization=nf4", *overrides]))
