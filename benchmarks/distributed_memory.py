@@ -14,8 +14,14 @@ fine-tuning. Bytes per parameter follow what the code keeps (docs/distributed.md
 
 Activations, the CUDA context and allocator slack are not counted: they depend on batch and sequence length.
 
+`--nf4` adds one GPU with the frozen base in 4 bits (`model.quantization=nf4`): the decoder's linear layers at
+the bytes per weight bitsandbytes actually stores (measured by quantizing one matrix: packed NF4 plus its
+double-quantized block scales), embeddings, norms and the LM head in bf16; NeFT also keeps the dequantized
+selected slice (2 B per trained value, `SlicedLinear.base_slice`).
+
     python benchmarks/distributed_memory.py                      # the table of docs/distributed.md
     python benchmarks/distributed_memory.py --gpus 1 2 4 8 --budget 0.03
+    python benchmarks/distributed_memory.py --nf4             # also: one GPU, bf16 vs NF4 frozen base
 """
 
 from __future__ import annotations
@@ -67,6 +73,37 @@ def per_rank_gib(counts: dict[str, int], layer_params: int, layers: int, gpus: i
     return (whole / gpus + gathered) / GIB
 
 
+def nf4_bytes_per_weight() -> float:
+    """Bytes per weight of a bitsandbytes NF4 matrix, its block scales included (a [1024, 4096] example)."""
+    from neft_lab.neurons.quantized import quantize_linear
+
+    layer = quantize_linear(torch.nn.Linear(4096, 1024, bias=False), "nf4", torch.bfloat16)
+    state = layer.weight.quant_state.as_dict(packed=True)
+    scales = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return (layer.weight.data.numel() * layer.weight.data.element_size() + scales) / (1024 * 4096)
+
+
+def nf4_rows(model: torch.nn.Module, name: str, budget: float | str, per_weight: float) -> list[dict]:
+    """One GPU: the static memory of NeFT and LoRA over a bf16 and over an NF4 frozen base."""
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if type(m) is torch.nn.Linear and "lm_head" not in n
+    )
+    total = sum(p.numel() for p in model.parameters())
+    rows = []
+    for strategy, counts in strategy_counts(model, budget).items():
+        if counts["frozen"] == 0:
+            continue  # full fine-tuning trains every weight: nothing to quantize
+        state = counts["trainable"] * (MASTER + GRAD + ADAM)
+        base_slice = counts["trainable"] * FROZEN if strategy.startswith("NeFT") else 0
+        bf16 = total * FROZEN + state
+        nf4 = linear * per_weight + (total - linear) * FROZEN + state + base_slice
+        rows.append({"model": name, "strategy": strategy, "bf16_base_gib": round(bf16 / GIB, 1),
+                     "nf4_base_gib": round(nf4 / GIB, 1)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 8])
@@ -74,13 +111,19 @@ def main() -> None:
         "--budget", default="0.09", help="NeFT's budget: a share (0.09) or a paper point (paper_9)"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/distributed_memory.json"))
+    parser.add_argument(
+        "--nf4", action="store_true", help="also one GPU with an NF4 frozen base (needs bitsandbytes)"
+    )
     args = parser.parse_args()
     budget = args.budget if args.budget.startswith("paper_") else float(args.budget)
-    rows = []
+    rows, quantized = [], []
+    per_weight = nf4_bytes_per_weight() if args.nf4 else None
     for name, shape in SHAPES.items():
         with torch.device("meta"):
             model = LlamaForCausalLM(LlamaConfig(**shape))
         layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+        if per_weight is not None:
+            quantized += nf4_rows(model, name, budget, per_weight)
         for strategy, counts in strategy_counts(model, budget).items():
             for gpus in args.gpus:
                 for trainer in ("ddp", "fsdp"):
@@ -90,7 +133,10 @@ def main() -> None:
                     rows.append({"model": name, "strategy": strategy, "trainer": trainer, "gpus": gpus,
                                  "trainable": counts["trainable"], "gib_per_rank": round(gib, 1)})  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"budget": args.budget, "rows": rows}, indent=1) + "\n")
+    result = {"budget": args.budget, "rows": rows}
+    if per_weight is not None:
+        result |= {"nf4_bytes_per_weight": round(per_weight, 4), "nf4_rows": quantized}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"| model | strategy | trainable | {' | '.join(f'DDP ×{g} / FSDP2 ×{g}' for g in args.gpus)} |")
     print("|---|---|---:|" + "---:|" * len(args.gpus))
     keys = sorted({(r["model"], r["strategy"], r["trainable"]) for r in rows}, key=lambda k: (k[0], -k[2]))
@@ -102,6 +148,13 @@ def main() -> None:
             cells.append(f"{ddp:,.1f} / {fsdp:,.1f}")
         print(f"| {model_name} | {strategy} | {trainable / 1e6:,.0f}M | {' | '.join(cells)} |")
     print(f"GiB per rank, static (weights, float32 masters, gradients, AdamW); written to {args.out}")
+    if quantized:
+        print(f"\nOne GPU, frozen base in bf16 vs NF4 ({per_weight:.3f} B per quantized weight), GiB:\n")
+        print("| model | strategy | bf16 base | NF4 base |\n|---|---|---:|---:|")
+        for row in quantized:
+            print(
+                f"| {row['model']} | {row['strategy']} | {row['bf16_base_gib']:,.1f} | {row['nf4_base_gib']:,.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ LAYER_MODULES = frozenset(
         "neft_lab.masters",
     }
 )
-THIRD_PARTY = frozenset({"torch", "transformers", "safetensors", "numpy", "tqdm", "peft"})
+# tqdm: transformers' own dependency (progress bars); peft and bitsandbytes: imported inside functions only, by
+# the LoRA-reference scorer and the 4-bit base (neurons/quantized.py), when a user asks for them
+THIRD_PARTY = frozenset({"torch", "transformers", "safetensors", "numpy", "tqdm", "peft", "bitsandbytes"})
 FORBIDDEN = frozenset({"hydra", "omegaconf", "lightning", "pytorch_lightning", "lightning_fabric"})
 
 

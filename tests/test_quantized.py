@@ -8,6 +8,7 @@ import torch
 from conftest import read_metrics
 from library_helpers import INPUT, base_model
 from neft_lab import NeuronConfig, get_neuron_model
+from neft_lab.errors import ConfigError
 from neft_lab.neurons import sliced
 
 bnb = pytest.importorskip("bitsandbytes", reason="the 4-bit base needs bitsandbytes (the dev extra)")
@@ -153,3 +154,38 @@ def test_what_cannot_run_on_a_four_bit_base_is_refused_before_any_work(tiny_over
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(compose([*tiny_overrides, "model.quantization=nf4", *overrides]))
+
+
+def test_the_quantized_base_benchmark_runs_the_three_bases_on_the_tiny_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "quantized_base.py"), "--model", "tiny", "--steps", "2",
+               "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["base"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["float32", "bfloat16", "nf4"]
+    assert len({r["trainable"] for r in rows.values()}) == 1  # the same vectors train on every base
+    assert rows["nf4"]["static_mib"] < rows["bfloat16"]["static_mib"] < rows["float32"]["static_mib"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "delta"])
+def test_a_saved_four_bit_adapter_reloads_onto_a_quantized_base(impl, tmp_path):
+    """The adapter a 4-bit run saves loads onto a fresh base, which is then quantized: the same model."""
+    from neft_lab import NeuronModel
+
+    model, _ = _four_bit_neft(impl)
+    with torch.no_grad():
+        for _, param in sliced.trainable_slices(model.hf_model):
+            param.add_(0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = NeuronModel.from_pretrained(base_model("llama"), tmp_path / "adapter")
+    loaded.quantize_base()  # the base's own weights in 4 bits, as the run had them
+    with pytest.raises(ConfigError, match="cannot merge on a 4-bit base"):
+        loaded.merge()
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)

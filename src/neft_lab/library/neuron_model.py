@@ -236,6 +236,28 @@ class NeuronModel(nn.Module):
             wrapper.sync()  # fused: the trained vectors into the live weight again
         self._merged = False
 
+    @torch.no_grad()
+    def quantize_base(self, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None) -> int:
+        """Store the frozen base in 4 bits (bitsandbytes `Linear4bit`, `neurons/quantized.py`): QLoRA's base under
+        NeFT's float32 vectors; returns how many linear layers. The weights are quantized as the base had them
+        (fused layers' selected slices restored from the kept copy first), so an adapter reloaded with
+        `from_pretrained` and then quantized is the model it was trained as. Afterwards nothing is written into
+        the weights: merge, unmerge and disable_adapter are refused."""
+        from neft_lab.neurons.quantized import quantize_frozen_linears
+
+        self._check_usable("quantize")
+        if self._merged:
+            raise ConfigError("quantize_base() on a merged model: unmerge() first")
+        dtype = compute_dtype or next(p.dtype for p in self.hf_model.parameters() if not p.requires_grad)
+        for wrapper in self._wrappers.values():
+            if (
+                "base_slice" in wrapper._buffers and not wrapper.quantized
+            ):  # fused: the base's own values back
+                weight = sliced.linear_weight(wrapper.base)
+                weight.index_copy_(wrapper.axis, wrapper.indices, wrapper.base_slice.to(weight.dtype))
+        self._quantized = True
+        return quantize_frozen_linears(self.hf_model, quant_type, dtype)
+
     def merge_and_unload(self) -> nn.Module:
         """The plain Hugging Face model with the trained vectors in its weights (`save_pretrained` writes a normal
         checkpoint). This wrapper is done afterwards."""
@@ -428,6 +450,10 @@ class NeuronModel(nn.Module):
                 wrapper.delta.copy_(values.to(base.device, torch.float32) - base.float())
 
     def _check_usable(self, what: str) -> None:
+        if getattr(self, "_quantized", False) and what in ("merge", "unmerge", "disable_adapter"):
+            raise ConfigError(
+                f"cannot {what} on a 4-bit base (quantize_base): save_pretrained the adapter instead"
+            )
         if self._unloaded:
             raise ConfigError(f"cannot {what}: merge_and_unload() handed the model back; wrap it again")
 

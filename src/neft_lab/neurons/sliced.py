@@ -281,9 +281,11 @@ class SlicedLinear(nn.Module):
         if self.impl == "masked":
             raise ValueError("impl=masked trains the dense base weight: it cannot sit on a 4-bit base")
         dequantized = dequantized_weight(quantized).to(self.indices.device)
-        master = self.vectors.dtype if self.impl == "fused" else self.delta.dtype
+        compute = (
+            getattr(quantized, "compute_dtype", None) or torch.float32
+        )  # what the 4-bit layer computes in
         self.register_buffer(
-            "base_slice", dequantized.index_select(self.axis, self.indices).to(master), persistent=False
+            "quantized_slice", dequantized.index_select(self.axis, self.indices).to(compute), persistent=False
         )
         self.base = quantized
         self.quantized = True
@@ -335,7 +337,12 @@ class SlicedLinear(nn.Module):
         with torch.no_grad():
             if self.impl == "fused":
                 return self.vectors.detach().clone()
-            base = self.base_slice if self.quantized else self.weight_a.index_select(self.axis, self.indices)
+            base = (
+                self.quantized_slice
+                if self.quantized
+                else self.weight_a.index_select(self.axis, self.indices)
+            )
+            # (a 4-bit base: its dequantized slice in the layer's compute dtype)
             if self.impl == "delta":  # in the master's precision: a bf16 sum would round the update away
                 dtype = torch.promote_types(base.dtype, self.delta.dtype)
                 return base.to(dtype) + self.delta.detach().to(dtype)
@@ -365,7 +372,11 @@ class SlicedLinear(nn.Module):
             return self.base(x)
         if self.quantized:  # the 4-bit layer's output, plus the slice's difference to its base slice
             y = self.base(x)
-            change = self.vectors - self.base_slice if self.impl == "fused" else self.delta
+            change = (
+                self.vectors - self.quantized_slice.to(self.vectors.dtype)
+                if self.impl == "fused"
+                else self.delta
+            )
             return _add_slice(y, x, change.to(x.dtype), self.indices, self.axis)
         weight, bias = self.weight_a, self.base.bias
         if self.impl == "fused":
