@@ -84,11 +84,13 @@ def main(plan_file: str, results_file: str) -> None:
     results: list[dict] = []
     sweeps: dict[str, list[str]] = {}
     logs: dict[str, Path] = {}
-    last_start = 0
+    last_end = 0
     for n, command in enumerate(plan):
-        while int(time.time()) == last_start:  # Hydra names run and sweep folders by the second
+        # Hydra names run and sweep folders by the second it resolves them, which can be a second after the
+        # command started (it composes the config first): the next command starts in a later second than the
+        # one the last one ended in, so no two share a folder
+        while int(time.time()) <= last_end:
             time.sleep(0.05)
-        last_start = int(time.time())
         before = snapshot([workspace / "outputs", workspace / "exported", cache])
         multiruns = set(glob.glob("outputs/multiruns/*"))
         logs[command["id"]] = workspace / "logs" / f"{n}.txt"
@@ -109,6 +111,7 @@ def main(plan_file: str, results_file: str) -> None:
                 traceback.print_exc()
                 status = f"{type(err).__name__}: {err}"
         log.flush()
+        last_end = int(time.time())
         after = snapshot([workspace / "outputs", workspace / "exported", cache])
         sweeps[command["id"]] = sorted(set(glob.glob("outputs/multiruns/*")) - multiruns)
         changed = sorted(p for p, t in after.items() if before.get(p) != t)

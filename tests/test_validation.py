@@ -97,7 +97,10 @@ BAD = [
         ["strategy=neft", "selection=union", "selection.files=[/no/a,/no/b]"],
         "/no/a.safetensors does not exist",
     ),
-    (["strategy=neft", "trainer=fsdp"], "strategy.impl=fused cannot train under trainer=fsdp"),
+    (
+        ["strategy=neft", "trainer=fsdp", "strategy.impl=masked"],
+        "strategy.impl=masked cannot train under trainer=fsdp",
+    ),
     # LoRA
     (["strategy=lora", "strategy.r=match", "budget=1.5"], "budget=1.5 is above 1"),
     (["strategy=lora", "strategy.r=match", "budget=0"], "budget=0.0: a budget must be > 0"),
