@@ -31,7 +31,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from neft_lab import selection_workflow as workflow
-from neft_lab.config import command_line_overrides
+from neft_lab.config import command_line_overrides, override_of
 from neft_lab.errors import ConfigError
 from neft_lab.neurons import reference_weights
 from neft_lab.neurons import scores_file as scores_io
@@ -44,13 +44,8 @@ logger = logging.getLogger(__name__)
 def next_command(args: list[str], replaced: tuple[str, ...]) -> str:
     """The command of the next stage, to copy as printed: `args` plus every override the user gave this one
     (model, task, trainer, paths, ...) except those `args` replace (`replaced`: keys, each with its subkeys)."""
-    kept = [o for o in command_line_overrides() if not _override_of(o, replaced)]
+    kept = [o for o in command_line_overrides() if not override_of(o, replaced)]
     return " ".join(["python -m neft_lab", *(shlex.quote(a) for a in [*args, *kept])])
-
-
-def _override_of(override: str, keys: tuple[str, ...]) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~").removesuffix("@_global_")
-    return any(key == k or key.startswith(f"{k}.") for k in keys)
 
 
 # ---- reference ------------------------------------------------------------------------------------------

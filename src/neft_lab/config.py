@@ -124,8 +124,12 @@ def command_line_overrides() -> list[str]:
         return []
 
 
+def override_of(override: str, keys: tuple[str, ...]) -> bool:
+    """Whether a command-line override (`+task.data.x=1`, `task=wmt`) sets one of `keys` or a key under it."""
+    key = override.split("=", 1)[0].lstrip("+~").removesuffix("@_global_")
+    return any(key == k or key.startswith(f"{k}.") for k in keys)
+
+
 def overridden(group: str) -> bool:
     """Whether this job's command line sets `group` (`task=...`) or a key under it (`task.data.x=...`)."""
-    return any(
-        o.split("=")[0].lstrip("+~") == group or o.startswith(f"{group}.") for o in command_line_overrides()
-    )
+    return any(override_of(o, (group,)) for o in command_line_overrides())
