@@ -8,6 +8,7 @@ for the job it checks.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -35,7 +36,9 @@ pytestmark = pytest.mark.skipif(
 
 TWO_CPU_PROCESSES = [
     "experiment=smoke",
-    "logger=none",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",  # the loss curve, step by step
+    "optim.loss_average=global",  # the mean over both ranks' tokens: the gradient of one process with both batches
     "trainer.enable_progress_bar=false",
     "trainer.accelerator=cpu",
     "trainer.devices=2",
@@ -57,6 +60,11 @@ JOBS = {
     "fsdp_neft": ["torchrun", "trainer=fsdp", *NEFT, "strategy.impl=delta"],
     "fsdp_neft_fused": ["trainer=fsdp", *NEFT],  # the vectors written into the weight shards after each step
     "fsdp_lora": ["trainer=fsdp", "strategy=lora"],
+    # one process with both ranks' batch (the sampler deals one permutation out to the ranks: the same examples
+    # per step); NeFT's reference keeps the 2-process runs' batch of 16, so it selects the same neurons
+    "one_full": ["trainer.devices=1", "loader.batch_size=32", "strategy=full"],
+    "one_lora": ["trainer.devices=1", "loader.batch_size=32", "strategy=lora"],
+    "one_neft": ["trainer.devices=1", "loader.batch_size=32", *NEFT, "selection.reference.batch_size=16"],
 }
 
 
@@ -95,6 +103,11 @@ def jobs(tmp_path_factory) -> dict[str, Job]:
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_pretrained(run_dir / "export", torch.float32).state_dict()
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
 
 
 def _check_once(output: str, run_dir: Path) -> None:
@@ -218,10 +231,42 @@ def test_fsdp_lora_trains_the_same_adapters_as_ddp(jobs):
         torch.testing.assert_close(tensor, ddp[name], atol=1e-4, rtol=1e-4, msg=f"{name}: FSDP ≠ DDP")
 
 
-def test_fsdp_neft_fused_resumes_after_a_crash_where_the_uninterrupted_run_ends(jobs, tmp_path, monkeypatch):
-    """Killed at step 4 (its last checkpoint: step 3), the same command resumes under FSDP2 and ends with the
-    uninterrupted run's weights."""
-    args = [*TWO_CPU_PROCESSES, "trainer=fsdp", *NEFT, f"paths.cache_dir={tmp_path / 'cache'}",
+def _trained(run_dir: Path) -> dict[str, torch.Tensor]:
+    """What a run trained: LoRA's adapters, else the exported model's weights."""
+    adapter = run_dir / "export" / "adapter_model.safetensors"
+    return load_file(str(adapter)) if adapter.exists() else _weights(run_dir)
+
+
+@pytest.mark.parametrize(
+    "many", ["ddp_full", "fsdp_full", "ddp_lora", "fsdp_lora", "ddp_neft", "fsdp_neft", "fsdp_neft_fused"]
+)
+def test_two_processes_train_what_one_process_trains_on_both_batches(jobs, many):
+    """Issue 21: with optim.loss_average=global, 2 processes (DDP or FSDP2; NeFT fused or delta) follow the loss
+    curve of one process that takes both ranks' batches at once, and end with its weights."""
+    one_dir, many_dir = jobs["one_" + many.split("_")[1]].result()[1], jobs[many].result()[1]
+    curve, single = _train_losses(many_dir), _train_losses(one_dir)
+    assert len(curve) == len(single) == 6 and single[-1] < single[0]
+    assert curve == pytest.approx(single, rel=1e-4, abs=1e-5)
+    if "neft" in many:
+        assert (
+            NeuronSet.load(many_dir / "neuron_set.safetensors").overlap(
+                NeuronSet.load(one_dir / "neuron_set.safetensors")
+            )
+            == 1.0
+        )
+    one, two = _trained(one_dir), _trained(many_dir)
+    assert two.keys() == one.keys()
+    for name, tensor in two.items():
+        torch.testing.assert_close(
+            tensor, one[name], atol=1e-4, rtol=1e-4, msg=f"{name}: {many} ≠ one process"
+        )
+
+
+@pytest.mark.parametrize("name", ["fsdp_neft_fused", "fsdp_full", "fsdp_lora"])
+def test_fsdp_run_resumes_after_a_crash_where_the_uninterrupted_run_ends(jobs, tmp_path, monkeypatch, name):
+    """Killed at step 4 (its last checkpoint: step 3), the same command resumes under FSDP2 (Lightning's sharded
+    checkpoint) and ends with the uninterrupted run's weights: NeFT fused, full fine-tuning and LoRA alike."""
+    args = [*TWO_CPU_PROCESSES, *JOBS[name], f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     crash = ["+callbacks.crash._target_=conftest.CrashAtStep", "+callbacks.crash.step=4"]
     monkeypatch.setenv(
@@ -234,9 +279,12 @@ def test_fsdp_neft_fused_resumes_after_a_crash_where_the_uninterrupted_run_ends(
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
     assert "resuming from" in output and read_metrics(tmp_path / "run")["train"]["steps"] == 6
-    whole = _weights(jobs["fsdp_neft_fused"].result()[1])
-    for name, tensor in _weights(tmp_path / "run").items():
-        torch.testing.assert_close(tensor, whole[name], atol=1e-6, rtol=1e-6, msg=f"{name}: resumed ≠ whole")
+    whole = _trained(jobs[name].result()[1])
+    assert _train_losses(tmp_path / "run")[-2:] == pytest.approx(
+        _train_losses(jobs[name].result()[1])[-2:], rel=1e-6
+    )
+    for key, tensor in _trained(tmp_path / "run").items():
+        torch.testing.assert_close(tensor, whole[key], atol=1e-6, rtol=1e-6, msg=f"{key}: resumed ≠ whole")
 
 
 def test_fsdp_refuses_the_masked_layer_before_starting(tmp_path):

@@ -381,6 +381,7 @@ def test_paper_presets_set_the_papers_hyperparameters(tmp_path, preset, task, ba
         "warmup_steps": 0,
         "master_dtype": "float32",
         "clip_scope": "paper",
+        "loss_average": "rank",  # each device's token mean, as their Trainer
     }
     assert (cfg.strategy.name, cfg.selection.method, cfg.selection.pooling) == ("neft", "cosine", "global")
     assert cfg.selection.budget.value == pytest.approx(150_000 * 4096 / 6_738_415_616)
@@ -433,6 +434,7 @@ DOCUMENTED_DEFAULTS = [
     ("strategy.impl", "fused", "`strategy.impl=fused`"),
     ("trainer.gradient_clip_val", 1.0, "`trainer.gradient_clip_val=1.0`"),
     ("optim.clip_scope", "selected", "`optim.clip_scope=selected`"),
+    ("optim.loss_average", "rank", "`optim.loss_average=rank`"),
     ("optim.weight_decay", 0.0, "| weight decay | 0 (HF default)"),
     ("optim.lr", 2e-5, "| learning rate | 2e-5 | 2e-5 | 2e-5 |"),
     ("optim.betas", [0.9, 0.999], "(0.9, 0.999, 1e-8)"),

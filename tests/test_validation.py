@@ -45,6 +45,7 @@ BAD = [
     (["optim.warmup_steps=-1"], "optim.warmup_steps=-1"),
     (["optim.master_dtype=bf16"], "optim.master_dtype='bf16'"),
     (["optim.clip_scope=all"], "optim.clip_scope='all'"),
+    (["optim.loss_average=sum"], "optim.loss_average='sum': unknown, choose one of ('rank', 'global')"),
     (["loader.batch_size=0"], "loader.batch_size=0: must be an integer >= 1"),
     (["loader.eval_batch_size=0"], "loader.eval_batch_size=0"),
     (["eval.batch_size=0"], "eval.batch_size=0: must be an integer >= 1"),

@@ -8,7 +8,7 @@ has one home:
 
 - model source, name and dtype: `models.loading.check_model_config` (`torch_dtype`);
 - precision and master dtype: `training.precision.check_precision` / `master_dtype`;
-- scheduler and clip scope: `SCHEDULES` / `CLIP_SCOPES` of `training.options`;
+- scheduler, clip scope and loss average: `SCHEDULES` / `CLIP_SCOPES` / `LOSS_AVERAGES` of `training.options`;
 - strategy arguments: the strategies' constructors (`build_strategy`) and their `check_config` (LoRA's
   `r=match` budget; NeFT's selection: `selection_workflow.check_selection`, with `Budget.check`);
 - task: `Task.from_config` (metrics, prompt, token limits), `Task.check_folders` (local data folders and files)
@@ -30,7 +30,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from neft_lab.errors import ConfigError
-from neft_lab.training.options import CLIP_SCOPES, EVAL_PRECISIONS, SCHEDULES, check_master_dtype
+from neft_lab.training.options import (
+    CLIP_SCOPES,
+    EVAL_PRECISIONS,
+    LOSS_AVERAGES,
+    SCHEDULES,
+    check_master_dtype,
+)
 
 
 def check_common(cfg: DictConfig) -> None:
@@ -159,6 +165,12 @@ def check_optim(cfg: DictConfig) -> None:
     clip_scope = value_of(cfg, "optim.clip_scope")
     if clip_scope not in CLIP_SCOPES:
         raise ConfigError(f"optim.clip_scope={clip_scope!r}: unknown clip scope, choose one of {CLIP_SCOPES}")
+    loss_average = value_of(cfg, "optim.loss_average")
+    if loss_average not in LOSS_AVERAGES:
+        raise ConfigError(
+            f"optim.loss_average={loss_average!r}: unknown, choose one of {LOSS_AVERAGES} (rank: each process's "
+            "token mean, the authors' Trainer; global: the mean over every process's tokens, as one process)"
+        )
 
 
 def check_trainer(cfg: DictConfig) -> None:

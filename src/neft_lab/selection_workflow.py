@@ -55,6 +55,7 @@ NOT_WEIGHTS = (
     "trainer.val_check_interval", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
     "trainer.num_sanity_val_steps", "trainer.enable_checkpointing", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.default_root_dir",
+    "optim.loss_average",  # how the batch's tokens are averaged over processes: keyed no more than trainer.devices
 )
 # fmt: on
 

@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from neft_lab.errors import ConfigError
-from neft_lab.losses import target_token_loss
+from neft_lab.losses import target_token_loss, target_token_losses
 from neft_lab.masters import keep_trainable_in
 from neft_lab.strategies.base import GradNormProbe, TrainingStrategy
 from neft_lab.training import distributed, precision
@@ -43,12 +43,14 @@ class CausalLMModule(L.LightningModule):
         master_dtype: str | None = "float32",
         clip_scope: str = "selected",
         horizon: int | str | None = None,
+        loss_average: str = "rank",
     ) -> None:
         super().__init__()
         self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.strategy = strategy
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.scheduler_name, self.warmup_steps = scheduler, warmup_steps
+        self.loss_average = loss_average  # optim.loss_average: how several processes' token means combine
         self.horizon = parse_horizon(horizon)  # the schedule's length, when not the run's (NeFT references)
         keep_trainable_in(self.model, precision.master_dtype(master_dtype))  # float32 masters (precision.py)
         self._clip_probe = _clip_norm_probe(self.model, strategy, clip_scope)
@@ -99,9 +101,13 @@ class CausalLMModule(L.LightningModule):
                 logger.info("replicas agree after training: %d tensors identical on %d ranks", count, ranks)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, n_tokens = target_token_loss(self.model, batch)
         self._tokens += int(batch["attention_mask"].sum())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n_tokens)
+        if self.loss_average == "global" and self.trainer.world_size > 1:
+            loss, shown = global_token_mean(self.model, batch, self.trainer.world_size)
+        else:
+            loss, _ = target_token_loss(self.model, batch)
+            shown = loss.detach()
+        self.log("train/loss", shown, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -164,6 +170,22 @@ def _clip_norm_probe(model: nn.Module, strategy: TrainingStrategy, scope: str) -
     if scope not in CLIP_SCOPES:
         raise ConfigError(f"unknown optim.clip_scope '{scope}': choose one of {CLIP_SCOPES}")
     return strategy.clip_norm_probe(model, scope)
+
+
+def global_token_mean(
+    model: nn.Module, batch: dict[str, torch.Tensor], world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`optim.loss_average=global`: the loss to backpropagate and the step's loss over every rank's target tokens.
+
+    DDP and FSDP2 average gradients over ranks, so this rank's token sum is scaled by world_size over the
+    step's token count on all ranks: the averaged gradient is then the one one process gets from the whole
+    batch, however the tokens fall between ranks. (Under gradient accumulation each micro-batch is one step.)"""
+    losses, _ = target_token_losses(model, batch)
+    total = losses.sum()
+    counted = torch.stack([total.detach(), torch.tensor(float(losses.numel()), device=total.device)])
+    torch.distributed.all_reduce(counted)
+    step_total, step_tokens = counted[0], counted[1].clamp(min=1.0)
+    return total * world_size / step_tokens, step_total / step_tokens
 
 
 def parse_horizon(value: int | str | None, key: str = "optim.horizon") -> tuple[int, str] | None:

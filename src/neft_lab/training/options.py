@@ -9,6 +9,10 @@ CLIP_SCOPES = (
     "selected",
     "paper",
 )  # optim.clip_scope: what the clipping norm is measured over (training.module)
+LOSS_AVERAGES = (
+    "rank",
+    "global",
+)  # optim.loss_average: each process's own token mean | the step's mean over every process's tokens (training.module)
 SCHEDULES = {
     "constant": "constant_with_warmup",
     "linear": "linear",
