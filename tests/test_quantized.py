@@ -120,21 +120,44 @@ def test_neft_and_lora_train_on_a_four_bit_base(tiny_overrides, tmp_path, strate
     if strategy[0] == "strategy=neft":  # the reference run (a full fine-tune) ran on the unquantized model
         assert caplog.text.count("stored in 4 bits") == 1
         assert (tmp_path / "run" / "neft_delta.safetensors").exists()
-        # the delta applies to the unquantized base (its hash is of the unquantized weights): stage=eval scores it
-        run(
-            compose(
-                [
-                    *tiny_overrides,
-                    "stage=eval",
-                    f"ckpt={tmp_path / 'run'}",
-                    f"paths.run_dir={tmp_path / 'eval'}",
-                ]
-            )
-        )
-        unquantized = read_metrics(tmp_path / "eval")["after"]["loss"]
-        assert abs(unquantized - metrics["after"]["loss"]) < 0.5 * metrics["after"]["loss"]
     else:
         assert (tmp_path / "run" / "export" / "adapter_config.json").exists()
+    # stage=eval of the run scores the model as it trained: the base in 4 bits again, under the trained tensors
+    run(
+        compose(
+            [*tiny_overrides, "stage=eval", f"ckpt={tmp_path / 'run'}", f"paths.run_dir={tmp_path / 'eval'}"]
+        )
+    )
+    assert "model.quantization=nf4: the saved run's base in 4 bits, as it trained" in caplog.text
+    again = read_metrics(tmp_path / "eval")["after"]
+    assert again["loss"] == pytest.approx(metrics["after"]["loss"], rel=1e-5)
+    assert again["bleu"] == pytest.approx(metrics["after"]["bleu"], abs=1e-6)
+    best = metrics["train"]["best_checkpoint"]  # the Lightning checkpoint the run evaluated: the same model
+    run(compose([*tiny_overrides, "stage=eval", f"ckpt={best}", f"paths.run_dir={tmp_path / 'eval_ckpt'}"]))
+    assert read_metrics(tmp_path / "eval_ckpt")["after"]["loss"] == pytest.approx(again["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["neft", "lora"])
+def test_eval_of_a_four_bit_run_on_the_exact_base_with_model_quantization_null(tmp_path, strategy):
+    """`model.quantization=null` on the eval command line: the trained tensors on the unquantized base (NeFT's
+    delta written into the exact weights, LoRA's adapters over plain linears), within the 4 bits' error."""
+    from conftest import run_cli
+
+    train = ["experiment=smoke", "logger=none", "trainer.enable_progress_bar=false", *SHORT,
+             "task.data.embedded.n_test=8", f"strategy={strategy}", "model.quantization=nf4",
+             f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    train += ["selection.reference.steps=4"] if strategy == "neft" else []
+    done = run_cli(train, tmp_path, 300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    trained = read_metrics(tmp_path / "run")["after"]["loss"]
+    evaluate = ["stage=eval", f"ckpt={tmp_path / 'run'}", "model.quantization=null",
+                f"hydra.run.dir={tmp_path / 'eval'}"]  # fmt: skip
+    done = run_cli(evaluate, tmp_path, 300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "stored in 4 bits" not in output
+    exact = read_metrics(tmp_path / "eval")["after"]["loss"]
+    assert exact != trained and abs(exact - trained) < 0.2 * trained
 
 
 @pytest.mark.bad_input

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from neft_lab import run_folder
 from neft_lab.config import overridden
 from neft_lab.errors import ConfigError
-from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, torch_dtype
+from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, quantize_model, torch_dtype
 from neft_lab.neurons import delta_file, reference_weights, sliced
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
 from neft_lab.training import checkpoints
@@ -62,12 +62,37 @@ def base_plus_delta(cfg: DictConfig, delta_path: Path) -> tuple[torch.nn.Module,
     return model, tokenizer
 
 
+def four_bit_base_plus_delta(cfg: DictConfig, delta_path: Path) -> tuple[torch.nn.Module, Any]:
+    """A NeFT run on a 4-bit base (`model.quantization`) as it trained: its vectors as float32 slices over the
+    checked base, whose linear layers are then stored in 4 bits (`NeuronModel.quantize_base`)."""
+    from neft_lab.library import NeuronModel
+
+    model, tokenizer = load_model(cfg.model)
+    wrapped = NeuronModel.from_pretrained(model, delta_path)
+    _log_quantized(cfg, wrapped.quantize_base(cfg.model.quantization, torch_dtype(cfg.model.dtype)))
+    return wrapped.hf_model, tokenizer
+
+
+def _log_quantized(cfg: DictConfig, count: int) -> None:
+    logger.info(
+        "model.quantization=%s: the saved run's base in 4 bits, as it trained (%d linear layers; "
+        "model.quantization=null scores the trained tensors on the exact base)",
+        cfg.model.quantization,
+        count,
+    )
+
+
 def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]:
     """A saved result as a model: full export folder, PEFT adapter folder, run folder, NeFT delta
-    (`neft_delta.safetensors`, on its checked base model) or Lightning .ckpt."""
+    (`neft_delta.safetensors`, on its checked base model) or Lightning .ckpt. With `model.quantization` (a run
+    on a 4-bit base, unless the command line sets it to null) the base is stored in 4 bits again, as it
+    trained; a run folder is then read from its delta, not from a merged export."""
+    quantization = cfg.model.get("quantization")
     delta = delta_file_of(path)
+    if delta is None and quantization and path.is_dir() and (path / DELTA_FILE).is_file():
+        delta = path / DELTA_FILE
     if delta is not None:
-        return base_plus_delta(cfg, delta)
+        return four_bit_base_plus_delta(cfg, delta) if quantization else base_plus_delta(cfg, delta)
     if path.is_dir() and (path / "export").is_dir():
         path = path / "export"
     if path.is_dir() and reference_weights.is_compact(path) and not (path / "config.json").exists():
@@ -76,6 +101,8 @@ def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]
         from peft import PeftModel
 
         base, tokenizer = load_model(cfg.model)
+        if quantization:  # QLoRA: the adapters over 4-bit layers
+            _log_quantized(cfg, quantize_model(base, cfg.model, include_trainable=True))
         try:
             return PeftModel.from_pretrained(base, str(path)), tokenizer
         except Exception as err:  # noqa: BLE001 - truncated (SafetensorError) or another model's (RuntimeError)
@@ -87,6 +114,12 @@ def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]
                 f"({type(err).__name__}: {reason}): pass the model it was trained on, or re-create the adapter"
             ) from None
     if path.is_dir() and (path / "config.json").exists():
+        if quantization:
+            logger.warning(
+                "%s holds merged weights: scored on the exact base (a 4-bit base cannot hold trained vectors); "
+                "pass the run folder or its neft_delta.safetensors to score the model as it trained",
+                path,
+            )
         return load_pretrained(path, torch_dtype(cfg.model.dtype), cfg.model), load_tokenizer(path, cfg.model)
     if path.is_file() and path.suffix == ".ckpt":
         model, tokenizer = load_model(cfg.model)
@@ -95,7 +128,11 @@ def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]
             path.parent.parent / "neuron_set.safetensors"
         )  # <run>/checkpoints/x.ckpt → <run>/neuron_set
         extras = {"neuron_set_file": neuron_set} if neuron_set.exists() else {}
+        if quantization and strategy.quantized_base == "before":  # as stage=fit builds it
+            _log_quantized(cfg, quantize_model(model, cfg.model, include_trainable=True))
         model = strategy.apply(model, StrategyContext(cfg=cfg, extras=extras))
+        if quantization and strategy.quantized_base == "after":
+            _log_quantized(cfg, quantize_model(model, cfg.model))
         state = checkpoints.load_checkpoint(path).get("state_dict")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(
@@ -136,6 +173,8 @@ def with_run_config(cfg: DictConfig, path: Path) -> DictConfig:
     run_folder.check_saved_config(saved, cfg, run_cfg_file, keys=("model", "strategy", "task"))
     merged = OmegaConf.to_container(cfg, resolve=True)
     merged["model"] = OmegaConf.to_container(saved.model)
+    if overridden("model.quantization"):  # e.g. null: a 4-bit run's tensors scored on the exact base
+        merged["model"]["quantization"] = cfg.model.get("quantization")
     merged["strategy"] = OmegaConf.to_container(saved.strategy)
     if not overridden("task"):
         merged["task"] = OmegaConf.to_container(saved.task)

@@ -272,5 +272,18 @@ def model_skeleton(cfg: Any) -> PreTrainedModel:
         )
 
 
+def quantize_model(model: torch.nn.Module, cfg: Any, include_trainable: bool = False) -> int:
+    """`model.quantization` (nf4/fp4): the frozen linear layers stored in 4 bits (bitsandbytes), computing in
+    `model.dtype`; `include_trainable` also takes the layers that still train (a fresh model about to get LoRA
+    adapters: QLoRA). Returns how many layers; the training run and `stage=eval` of its folder share it, so a
+    saved 4-bit run is scored on the base it trained on."""
+    from neft_lab.neurons.quantized import quantize_frozen_linears
+
+    dtype = torch_dtype(_get(cfg, "dtype", "float32"))
+    return quantize_frozen_linears(
+        model, _get(cfg, "quantization"), dtype, include_trainable=include_trainable
+    )
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

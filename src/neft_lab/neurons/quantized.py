@@ -46,6 +46,10 @@ def quantize_linear(
         quant_type=quant_type,
         device="meta",
     )
+    # bitsandbytes repacks a CPU layer for a bfloat16 kernel at its first eval-mode forward (on AVX512-BF16 CPUs)
+    # and back at every state_dict: validation, test and a reloaded run would each compute in another precision.
+    # One path: the dequantized weight in compute_dtype, as in training (CPU evaluation is slower for it).
+    quantized.support_avx512bf16_for_cpu = False
     quantized.weight = bnb.nn.Params4bit(
         module.weight.detach().to(torch.float32).contiguous(), requires_grad=False, quant_type=quant_type
     )

@@ -155,13 +155,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
 
 
 def _quantize(model: torch.nn.Module, cfg: DictConfig, include_trainable: bool = False) -> None:
-    """`model.quantization`: the frozen linear layers stored in 4 bits (bitsandbytes), computing in the model's dtype."""
-    from neft_lab.models.loading import torch_dtype
-    from neft_lab.neurons.quantized import quantize_frozen_linears
+    from neft_lab.models.loading import quantize_model
 
-    count = quantize_frozen_linears(
-        model, cfg.model.quantization, torch_dtype(cfg.model.dtype), include_trainable=include_trainable
-    )
+    count = quantize_model(model, cfg.model, include_trainable=include_trainable)
     logger.info(
         "model.quantization=%s: %d frozen linear layers stored in 4 bits", cfg.model.quantization, count
     )
