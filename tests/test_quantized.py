@@ -122,6 +122,7 @@ def test_neft_and_lora_train_on_a_four_bit_base(tiny_overrides, tmp_path, strate
         assert (tmp_path / "run" / "neft_delta.safetensors").exists()
     else:
         assert (tmp_path / "run" / "export" / "adapter_config.json").exists()
+        assert "14 LoRA layers: peft.tuners.lora.bnb.Linear4bit" in caplog.text  # PEFT's own QLoRA layer
     # stage=eval of the run scores the model as it trained: the base in 4 bits again, under the trained tensors
     run(
         compose(
@@ -212,3 +213,15 @@ def test_a_saved_four_bit_adapter_reloads_onto_a_quantized_base(impl, tmp_path):
     with pytest.raises(ConfigError, match="cannot merge on a 4-bit base"):
         loaded.merge()
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_a_four_bit_model_counts_its_parameters_as_the_unquantized_one():
+    """Budgets are shares of all parameters: a 4-bit weight (packed two to a byte) counts as its full shape, so
+    `strategy.r=match` picks the same LoRA rank on a 4-bit base (QLoRA) as on the exact one."""
+    from neft_lab.models.loading import parameter_count
+    from neft_lab.strategies.lora import matched_rank
+
+    exact, four_bit = base_model("llama"), base_model("llama")
+    quantize_frozen_linears(four_bit, include_trainable=True)
+    assert parameter_count(four_bit) == parameter_count(exact)
+    assert matched_rank(four_bit, 0.09) == matched_rank(exact, 0.09)

@@ -21,6 +21,7 @@ from neft_lab.errors import ConfigError
 from neft_lab.models.loading import load_model, load_pretrained, load_tokenizer, quantize_model, torch_dtype
 from neft_lab.neurons import delta_file, reference_weights, sliced
 from neft_lab.strategies import StrategyContext, TrainingStrategy, build_strategy
+from neft_lab.strategies.lora import peft_sees_four_bit
 from neft_lab.training import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]
         if quantization:  # QLoRA: the adapters over 4-bit layers
             _log_quantized(cfg, quantize_model(base, cfg.model, include_trainable=True))
         try:
-            return PeftModel.from_pretrained(base, str(path)), tokenizer
+            with peft_sees_four_bit(base):
+                return PeftModel.from_pretrained(base, str(path)), tokenizer
         except Exception as err:  # noqa: BLE001 - truncated (SafetensorError) or another model's (RuntimeError)
             if isinstance(err, torch.OutOfMemoryError):
                 raise

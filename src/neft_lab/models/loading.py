@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import socket
 from pathlib import Path
@@ -286,4 +287,10 @@ def quantize_model(model: torch.nn.Module, cfg: Any, include_trainable: bool = F
 
 
 def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """All parameters, a 4-bit weight (bitsandbytes packs two values a byte) counted at its full shape: budgets
+    are shares of this count, the same on a quantized base as on the exact one."""
+    total = 0
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        total += math.prod(state.shape) if state is not None else param.numel()
+    return total

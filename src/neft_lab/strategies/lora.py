@@ -10,6 +10,9 @@ model.dtype=bfloat16 optim.master_dtype=null` (docs/fidelity.md).
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,24 @@ def matched_rank(model: nn.Module, share: float) -> int:
     rank = max(1, round(share * parameter_count(model) / per_rank))
     logger.info("LoRA rank %d matches a budget of %.2f%% of all parameters", rank, 100 * share)
     return rank
+
+
+@contextmanager
+def peft_sees_four_bit(model: nn.Module) -> Iterator[None]:
+    """PEFT wraps a bitsandbytes layer in its QLoRA layer (`peft.tuners.lora.bnb.Linear4bit`) only when the model
+    says it was loaded in 4 bits (`is_loaded_in_4bit`, set by transformers' quantized `from_pretrained`). Ours is
+    quantized after loading (`model.quantization`), so it says so while PEFT wraps it, and no longer: the flag
+    also changes how transformers counts, moves and saves the model."""
+    from neft_lab.neurons.quantized import is_quantized
+
+    if not any(is_quantized(m) for m in model.modules()) or hasattr(model, "is_loaded_in_4bit"):
+        yield
+        return
+    model.is_loaded_in_4bit = True
+    try:
+        yield
+    finally:
+        del model.is_loaded_in_4bit
 
 
 class LoraStrategy(TrainingStrategy):
@@ -101,7 +122,8 @@ class LoraStrategy(TrainingStrategy):
             task_type="CAUSAL_LM",
         )
         try:
-            adapted = get_peft_model(model, config)
+            with peft_sees_four_bit(model):
+                adapted = get_peft_model(model, config)
         except ValueError as err:  # PEFT's message for target modules that match nothing
             names = sorted(
                 {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -112,6 +134,10 @@ class LoraStrategy(TrainingStrategy):
             ) from err
         if self.adapter_dtype != "float32":
             authors_casts(adapted, ADAPTER_DTYPES[self.adapter_dtype])
+        kinds = Counter(
+            f"{type(m).__module__}.{type(m).__name__}" for m in adapted.modules() if hasattr(m, "lora_A")
+        )
+        logger.info("%s", ", ".join(f"{n} LoRA layers: {kind}" for kind, n in kinds.items()))
         return adapted
 
     def summary(self, model: nn.Module, base_parameters: int) -> dict[str, Any]:
