@@ -238,6 +238,32 @@ def test_strongly_affected_and_avg_delta_rank_per_kind():
     assert out["spearman_per_kind"]["k"] == pytest.approx(-1.0)
 
 
+def test_trained_and_untrained_vectors_compared_within_each_kind():
+    """Issue 18: NeFT's set can be nearly all down vectors and a random set split evenly, so trained vs untrained
+    is also reported per kind (counts, mean |ΔRank|, share strongly affected), not only pooled over kinds."""
+    space = _space()
+    a = _table(space, [0.9, 0.8, 0.7, 0.6, 0.9, 0.8])  # per kind: up 1 2 3 4, k 1 2
+    b = _table(space, [0.6, 0.8, 0.7, 0.9, 0.8, 0.9])  # per kind: up 4 2 3 1 (|Δ| 3 0 0 3), k 2 1 (|Δ| 1 1)
+    trained = torch.tensor([True, False, False, False, True, False])
+    out = compare.compare(
+        space,
+        a.flat_ranks("per_kind"),
+        b.flat_ranks("per_kind"),
+        trained,
+        {"up": 2, "k": 1},
+        ranking="per_kind",
+    )
+    assert out["trained_per_kind"] == {
+        "up": {"trained_vectors": 1, "mean_abs_delta_rank_trained": 3.0, "mean_abs_delta_rank_untrained": 1.0,
+               "share_of_trained_strongly_affected": 1.0, "share_of_untrained_strongly_affected": pytest.approx(1 / 3)},
+        "k": {"trained_vectors": 1, "mean_abs_delta_rank_trained": 1.0, "mean_abs_delta_rank_untrained": 1.0,
+              "share_of_trained_strongly_affected": 1.0, "share_of_untrained_strongly_affected": 1.0},
+    }  # fmt: skip
+    assert "trained_per_kind" not in compare.compare(
+        space, a.flat_ranks("per_kind"), b.flat_ranks("per_kind"), None, {"up": 2, "k": 1}
+    )
+
+
 def test_buckets_by_share_of_the_kinds_max_score():
     """Figure 2: a vector's bucket is its reference score as a percentage of the largest score of its kind."""
     space = _space()

@@ -226,4 +226,25 @@ def compare(
         out["share_of_trained_strongly_affected"] = (
             float((strong & trained).sum() / trained.sum()) if trained.any() else None
         )
+        out["trained_per_kind"] = {
+            k: _trained_vs_untrained(absolute[m], trained[m], strong[m]) for k, m in kinds.items()
+        }
     return out
+
+
+def _trained_vs_untrained(
+    absolute: torch.Tensor, trained: torch.Tensor, strong: torch.Tensor
+) -> dict[str, Any]:
+    """Within one kind: how far its trained and its untrained vectors moved, and how often each is strongly
+    affected (NeFT's set may be nearly all one kind, a random set is not: pooled numbers would mix the kinds)."""
+
+    def mean(values: torch.Tensor) -> float | None:
+        return float(values.to(torch.float64).mean()) if len(values) else None
+
+    return {
+        "trained_vectors": int(trained.sum()),
+        "mean_abs_delta_rank_trained": mean(absolute[trained]),
+        "mean_abs_delta_rank_untrained": mean(absolute[~trained]),
+        "share_of_trained_strongly_affected": mean(strong[trained]),
+        "share_of_untrained_strongly_affected": mean(strong[~trained]),
+    }
