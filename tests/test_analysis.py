@@ -513,3 +513,22 @@ def test_a_neuron_set_of_another_model_is_refused(tiny_runs, tmp_path):
         _analyze(
             f"analysis.runs=[{tiny_runs['full']}]", f"analysis.sets=[{tmp_path / 'missing.safetensors'}]"
         )
+
+
+def test_the_gemma_analysis_page_quotes_the_tables_its_script_makes():
+    """docs/analysis_gemma_wmt.md's tables at the authors' threshold are, row for row, what
+    scripts/analysis_gemma_wmt_tables.py makes from the committed JSON summaries."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "scripts/analysis_gemma_wmt_tables.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    authors = done.stdout.split("### Movement, 1% of a kind's ranking")[0]
+    rows = [line for line in authors.splitlines() if line.startswith(("| NeFT", "| Random", "| Full"))]
+    assert len(rows) == 3 + 4
+    page = (REPO / "docs" / "analysis_gemma_wmt.md").read_text()
+    missing = [row for row in rows if row not in page]
+    assert not missing, missing
