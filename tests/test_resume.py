@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import read_metrics
 from neft_lab.config import compose
 from neft_lab.models.loading import load_pretrained
 from neft_lab.neurons.neuron_set import NeuronSet
@@ -51,7 +52,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, strategy):
     assert (
         last["global_step"] == 10
     )  # the last checkpoint before the crash: 2 epochs of 6 batches are not done
+    before = last["callbacks"]["RunStats"]  # the interrupted attempt's time, up to its last checkpoint
+    assert before["wall_seconds"] > before["train_seconds"] > 0 and len(before["step_seconds"]) == 10
     run(compose(base + [f"paths.run_dir={interrupted}"]))  # resume=auto finds last.ckpt
+    resumed_metrics, whole_metrics = read_metrics(interrupted), read_metrics(tmp_path / "whole")
+    assert resumed_metrics["wall_seconds"] > before["wall_seconds"]  # both attempts count, not only the last
+    assert resumed_metrics["train"]["seconds"] > before["train_seconds"]
+    assert resumed_metrics["train"]["steps"] == whole_metrics["train"]["steps"]
     whole, resumed = _weights(tmp_path / "whole"), _weights(interrupted)
     for name, tensor in whole.items():
         assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming"

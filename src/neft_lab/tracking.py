@@ -42,11 +42,20 @@ PREDICTION_COLUMNS = ("source", "reference", "prediction")
 class RunStats(L.Callback):
     """Per training batch: seconds (the same span as `train/step_seconds`) and tokens; peak memory.
 
-    Kept in every checkpoint with the last training loss, so a resumed run reports the steps of the attempts
-    before it too, and a run resumed with nothing left to train (killed while exporting or evaluating) still
-    reports its final loss, step time and throughput."""
+    Kept in every checkpoint with the last training loss and the run's wall and training seconds so far, so a
+    resumed run reports the steps and the time of the attempts before it too (up to their last checkpoint: the
+    steps a kill lost are trained again and counted once), and a run resumed with nothing left to train (killed
+    while exporting or evaluating) still reports its final loss, step time and throughput."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float | None = None) -> None:
+        self.started = (
+            time.perf_counter() if started is None else started
+        )  # this attempt's start (perf_counter)
+        self.train_started: float | None = None
+        self.seconds_before = (
+            0.0  # wall seconds of earlier attempts, up to the checkpoint this one resumed from
+        )
+        self.train_seconds_before = 0.0  # their training seconds
         self.step_seconds: list[float] = []
         self.tokens_per_second: list[float] = []
         self.final_loss: float | None = None  # the last step's train/loss, as saved in the checkpoint
@@ -57,6 +66,7 @@ class RunStats(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
+        self.train_started = time.perf_counter()
         device = trainer.strategy.root_device
         self._cuda = device if device.type == "cuda" else None
         if self._cuda is not None:  # the peak of this run's training, weights included
@@ -84,9 +94,22 @@ class RunStats(L.Callback):
             "step_seconds": list(self.step_seconds),
             "tokens_per_second": list(self.tokens_per_second),
             "final_loss": self.final_loss,
+            "wall_seconds": self.wall_seconds(),
+            "train_seconds": self.train_seconds(),
         }
 
+    def wall_seconds(self) -> float:
+        """Wall time of the run so far, earlier attempts included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def train_seconds(self) -> float:
+        """Time in `fit` so far, earlier attempts included."""
+        this = 0.0 if self.train_started is None else time.perf_counter() - self.train_started
+        return self.train_seconds_before + this
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds_before = float(state_dict.get("wall_seconds", 0.0))
+        self.train_seconds_before = float(state_dict.get("train_seconds", 0.0))
         self.step_seconds = [float(v) for v in state_dict.get("step_seconds", [])]
         self.tokens_per_second = [float(v) for v in state_dict.get("tokens_per_second", [])]
         loss = state_dict.get("final_loss")
@@ -114,8 +137,9 @@ def peak_memory(cuda_device: torch.device | None = None) -> dict[str, Any]:
     return {"peak_memory_bytes": int(rss) * scale, "peak_memory_source": "ru_maxrss"}
 
 
-def attach_run_stats(trainer: L.Trainer) -> RunStats:
-    stats = RunStats()
+def attach_run_stats(trainer: L.Trainer, started: float | None = None) -> RunStats:
+    """`started`: when this attempt began (`time.perf_counter()`), so its wall time counts model loading too."""
+    stats = RunStats(started)
     trainer.callbacks.insert(0, stats)
     return stats
 

@@ -108,7 +108,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     trainer = build_trainer(cfg, run_dir)
     if trainer.checkpoint_callback is not None:
         checkpoints.check_writable(run_dir / "checkpoints")
-    stats = tracking.attach_run_stats(trainer)
+    stats = tracking.attach_run_stats(trainer, started)
     tracking.log_run_start(trainer, cfg, summary, getattr(strategy, "neuron_set", None))
     train_started = time.perf_counter()
     try:
@@ -120,7 +120,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         checkpoints.remove_untracked(run_dir / "checkpoints", trainer)  # e.g. an old best resumed from
     results["train"] = {
         "steps": trainer.global_step,
-        "seconds": round(time.perf_counter() - train_started, 2),
+        "seconds": round(
+            stats.train_seconds_before + time.perf_counter() - train_started, 2
+        ),  # + earlier attempts
         "final_loss": metric(trainer, "train/loss") or stats.final_loss,  # also with nothing left to train
         "best_val_loss": best_score(trainer),
         "best_checkpoint": best,
@@ -147,7 +149,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
                 step=trainer.global_step,
             )
         tracking.log_predictions(trainer, rows, int(cfg.eval.get("log_predictions", 20)))
-    results["wall_seconds"] = round(time.perf_counter() - started, 2)
+    results["wall_seconds"] = round(
+        stats.wall_seconds(), 2
+    )  # earlier attempts' too, up to their last checkpoint
     atomic_write_json(run_dir / "metrics.json", results)
     finish_loggers(trainer)
     print_outcome(results, run_dir)
