@@ -394,3 +394,34 @@ def test_real_alpaca_and_ifeval_files_load(compose_cfg):
     assert splits["test"][0].meta["key"] == 1000
     assert sum(len(e.meta["instruction_id_list"]) for e in splits["test"]) == 834
     assert sum(bool(e.meta["input"]) for e in splits["train"]) == 1751
+
+
+def test_the_ifeval_table_script_runs_on_the_tiny_model(ifeval, tmp_path):
+    """scripts/table_ifeval_cpu.sh (Table 4 in small) end to end on the tiny model and a tiny Alpaca / IFEval
+    folder laid out as ../shared/data is: the grid, a seed, the IFEval scores and the report with its test."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    data = tmp_path / "data"
+    (data / "instruct_alpaca").mkdir(parents=True)
+    (data / "ifeval").mkdir()
+    records = [dict(r, output=f"{r['output']} ({i})") for i in range(4) for r in RECORDS]
+    _jsonl(data / "instruct_alpaca" / "train.jsonl", records)
+    _jsonl(data / "instruct_alpaca" / "val.jsonl", RECORDS)
+    _jsonl(data / "ifeval" / "input_data.jsonl", IFEVAL_ROWS)
+    out = tmp_path / "table"
+    env = {**os.environ, "MODEL": "tiny", "METHODS": "random9", "SEEDS": "0", "STEPS": "2", "VAL_EVERY": "2",
+           "SEARCH_STEPS": "1", "TEST": "2", "VAL": "3", "MAX_NEW": "8", "PRECISION": "32-true", "DATA": str(data),
+           "OUT": str(out), "BASELINE": "Random 9%", "EXTRA": f"paths.cache_dir={tmp_path / 'cache'}",
+           "WANDB_MODE": "offline", "NEFT_LAB_ROOT": str(tmp_path)}  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python
+    done = subprocess.run(["bash", str(REPO / "scripts" / "table_ifeval_cpu.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    metrics = json.loads((out / "final" / "random9" / "seed0" / "metrics.json").read_text())
+    assert metrics["task"] == "alpaca_ifeval" and "ifeval_prompt_strict" in metrics["after"]
+    table = (out / "final" / "report" / "table.md").read_text()
+    assert "| Random 9% |" in table and "ifeval" in table.lower()
