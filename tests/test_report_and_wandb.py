@@ -429,3 +429,28 @@ def test_report_keeps_scorers_and_reference_settings_apart(tmp_path, caplog):
     assert "2.00 ± 1.41 (n=2)" in (again / "out" / "table.md").read_text()
     warning = next(r.getMessage() for r in caplog.records if "seed" in r.getMessage())
     assert "n=2" in warning and "counts once" not in warning
+
+
+def test_a_run_without_a_recorded_step_time_takes_it_from_its_csv_log(tmp_path):
+    """A run resumed under an older neft_lab recorded only its last attempt (no step time when that attempt only
+    evaluated): the report takes the median of its logged `train/step_seconds`, the last value per step."""
+    from neft_lab.results import collect_runs
+
+    run_dir = tmp_path / "neft" / "seed0"
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"train": {"steps": 4, "step_seconds_median": None}}))
+    rows = [
+        ("0", "5.0"),
+        ("1", "3.0"),
+        ("1", "4.0"),
+        ("2", "6.0"),
+        ("3", "2.0"),
+    ]  # step 1 again after a resume
+    with open(run_dir / "csv" / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", "train/step_seconds", "val/loss"])
+        writer.writerows([(step, value, "") for step, value in rows])
+    (row,) = collect_runs(tmp_path)
+    assert row["train_step_seconds_median"] == pytest.approx(4.5)  # median of 5, 4, 6, 2
+    (run_dir / "metrics.json").write_text(json.dumps({"train": {"steps": 4, "step_seconds_median": 7.0}}))
+    assert collect_runs(tmp_path)[0]["train_step_seconds_median"] == 7.0  # a recorded value wins

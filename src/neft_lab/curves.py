@@ -31,13 +31,25 @@ def validation_curve(run_dir: str | Path) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def _from_csv(path: Path) -> list[tuple[int, float]]:
+def logged_step_seconds(run_dir: str | Path) -> float | None:
+    """The median of a run's logged `train/step_seconds` (one value per step, the last after a resume): the step
+    time of a run whose metrics.json lacks it (a run resumed under an older neft_lab recorded only its last
+    attempt's); None without a CSV log."""
+    by_step = dict(_from_csv(Path(run_dir) / "csv" / "metrics.csv", "train/step_seconds"))
+    values = sorted(v for v in by_step.values() if math.isfinite(v))
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _from_csv(path: Path, key: str = VAL_KEY) -> list[tuple[int, float]]:
     if not path.is_file():
         return []
     out = []
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
-            value, step = row.get(VAL_KEY), row.get("step")
+            value, step = row.get(key), row.get("step")
             if value and step:
                 try:
                     out.append((int(float(step)) + 1, float(value)))

@@ -75,6 +75,10 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                 )
             else:
                 row[key] = value
+        if row.get("train_steps") and row.get("train_step_seconds_median") is None:
+            from neft_lab.curves import logged_step_seconds
+
+            row["train_step_seconds_median"] = logged_step_seconds(metrics_file.parent)
         config_file = metrics_file.parent / "config.yaml"
         if config_file.exists():
             cfg = OmegaConf.load(config_file)
