@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +37,8 @@ def logged_step_seconds(run_dir: str | Path) -> float | None:
     time of a run whose metrics.json lacks it (a run resumed under an older neft_lab recorded only its last
     attempt's); None without a CSV log."""
     by_step = dict(_from_csv(Path(run_dir) / "csv" / "metrics.csv", "train/step_seconds"))
-    values = sorted(v for v in by_step.values() if math.isfinite(v))
-    if not values:
-        return None
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    values = [v for v in by_step.values() if math.isfinite(v)]
+    return statistics.median(values) if values else None
 
 
 def _from_csv(path: Path, key: str = VAL_KEY) -> list[tuple[int, float]]:

@@ -130,11 +130,14 @@ def load_saved_model(cfg: DictConfig, path: Path) -> tuple[torch.nn.Module, Any]
             path.parent.parent / "neuron_set.safetensors"
         )  # <run>/checkpoints/x.ckpt → <run>/neuron_set
         extras = {"neuron_set_file": neuron_set} if neuron_set.exists() else {}
-        if quantization and strategy.quantized_base == "before":  # as stage=fit builds it
-            _log_quantized(cfg, quantize_model(model, cfg.model, include_trainable=True))
-        model = strategy.apply(model, StrategyContext(cfg=cfg, extras=extras))
-        if quantization and strategy.quantized_base == "after":
-            _log_quantized(cfg, quantize_model(model, cfg.model))
+        quantize = (
+            (lambda m, trainable: _log_quantized(cfg, quantize_model(m, cfg.model, trainable)))
+            if quantization
+            else None
+        )
+        model = strategy.apply_on_four_bits(
+            model, StrategyContext(cfg=cfg, extras=extras), quantize
+        )  # as stage=fit
         state = checkpoints.load_checkpoint(path).get("state_dict")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(

@@ -81,12 +81,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     )
     datamodule.setup()
     ctx.datamodule = datamodule
-    quantization = cfg.model.get("quantization")
-    if quantization and strategy.quantized_base == "before":  # LoRA: the adapters sit on the 4-bit layers
-        _quantize(model, cfg, include_trainable=True)
-    model = strategy.apply(model, ctx)
-    if quantization and strategy.quantized_base == "after":  # NeFT: slices cut from the exact weights first
-        _quantize(model, cfg)
+    # LoRA: the adapters sit on the 4-bit layers; NeFT: slices cut from the exact weights first
+    quantize = (lambda m, trainable: _quantize(m, cfg, trainable)) if cfg.model.get("quantization") else None
+    model = strategy.apply_on_four_bits(model, ctx, quantize)
     summary = strategy.summary(model, base_parameters)
     where = "reference run dir" if nested_run() else "run dir"  # the NeFT reference run is nested in its run
     logger.info("%s\n%s: %s", _summary_line(cfg, summary), where, run_dir)

@@ -10,6 +10,7 @@ A new method (NeFT and its baselines) is a new subclass; the training loop does 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,18 @@ class TrainingStrategy(ABC):
     @abstractmethod
     def apply(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         """Freeze what must not train; may wrap the model (PEFT). Returns the model to train."""
+
+    def apply_on_four_bits(
+        self, model: nn.Module, ctx: StrategyContext, quantize: Callable[[nn.Module, bool], Any] | None
+    ) -> nn.Module:
+        """`apply`, with `quantize(model, include_trainable)` storing the base in 4 bits where this strategy
+        wants it (`quantized_base`); None: no quantization. One order for training and for reloading a run."""
+        if quantize is not None and self.quantized_base == "before":
+            quantize(model, True)
+        model = self.apply(model, ctx)
+        if quantize is not None and self.quantized_base == "after":
+            quantize(model, False)
+        return model
 
     def trainable_named_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
