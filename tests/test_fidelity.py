@@ -443,6 +443,7 @@ DOCUMENTED_DEFAULTS = [
     ("optim.warmup_steps", 0, "linear decay to 0, no warmup | same"),
     ("optim.master_dtype", "float32", "`optim.master_dtype=float32`"),
     ("loader.batch_size", 8, "`loader.batch_size=8`"),
+    ("loader.group_by_length", False, "`loader.group_by_length=false`"),
     ("trainer.max_steps", 200, "`trainer.max_steps=200`"),
     ("task.bleu_lowercase", False, "`task.bleu_lowercase=true`"),
     ("callbacks.model_checkpoint.monitor", "val/loss", "best by `val/loss`"),

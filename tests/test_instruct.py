@@ -423,5 +423,7 @@ def test_the_ifeval_table_script_runs_on_the_tiny_model(ifeval, tmp_path):
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     metrics = json.loads((out / "final" / "random9" / "seed0" / "metrics.json").read_text())
     assert metrics["task"] == "alpaca_ifeval" and "ifeval_prompt_strict" in metrics["after"]
+    saved = (out / "final" / "random9" / "seed0" / "config.yaml").read_text()
+    assert "group_by_length: true" in saved  # Alpaca's long batches: grouped by length, for every method
     table = (out / "final" / "report" / "table.md").read_text()
     assert "| Random 9% |" in table and "ifeval" in table.lower()

@@ -48,6 +48,7 @@ BAD = [
     (["optim.loss_average=sum"], "optim.loss_average='sum': unknown, choose one of ('rank', 'global')"),
     (["loader.batch_size=0"], "loader.batch_size=0: must be an integer >= 1"),
     (["loader.eval_batch_size=0"], "loader.eval_batch_size=0"),
+    (["loader.group_by_length=often"], "loader.group_by_length='often': give true or false"),
     (["eval.batch_size=0"], "eval.batch_size=0: must be an integer >= 1"),
     (["seed=-1"], "seed=-1: a seed must be an integer"),
     (["seed=1.5"], "seed=1.5"),

@@ -354,7 +354,13 @@ def _train_batches(cfg: DictConfig, tokenizer: Any, batch_size: int) -> Any:
 
     task = Task.from_config(cfg.task)
     encoder = PromptEncoder(tokenizer, task, chat_template=cfg.model.chat_template)
-    datamodule = TaskDataModule(task, encoder, batch_size=batch_size, seed=int(cfg.seed))
+    datamodule = TaskDataModule(
+        task,
+        encoder,
+        batch_size=batch_size,
+        seed=int(cfg.seed),
+        group_by_length=bool(cfg.loader.get("group_by_length")),
+    )
     datamodule.setup()
     return datamodule.train_dataloader()
 

@@ -60,6 +60,9 @@ def check_training(cfg: DictConfig) -> None:
     check_optim(cfg)
     require_int(cfg, "loader.batch_size", 1, 8)
     require_int(cfg, "loader.num_workers", 0)
+    group_by_length = value_of(cfg, "loader.group_by_length")  # None: a run saved before the option existed
+    if group_by_length is not None and not isinstance(group_by_length, bool):
+        raise ConfigError(f"loader.group_by_length={group_by_length!r}: give true or false")
     check_trainer(cfg)
 
 

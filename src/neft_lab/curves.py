@@ -36,9 +36,14 @@ def logged_step_seconds(run_dir: str | Path) -> float | None:
     """The median of a run's logged `train/step_seconds` (one value per step, the last after a resume): the step
     time of a run whose metrics.json lacks it (a run resumed under an older neft_lab recorded only its last
     attempt's); None without a CSV log."""
-    by_step = dict(_from_csv(Path(run_dir) / "csv" / "metrics.csv", "train/step_seconds"))
-    values = [v for v in by_step.values() if math.isfinite(v)]
+    values = logged_step_times(run_dir)
     return statistics.median(values) if values else None
+
+
+def logged_step_times(run_dir: str | Path) -> list[float]:
+    """A run's logged `train/step_seconds`, one per step in step order (the last attempt's after a resume)."""
+    by_step = dict(_from_csv(Path(run_dir) / "csv" / "metrics.csv", "train/step_seconds"))
+    return [by_step[step] for step in sorted(by_step) if math.isfinite(by_step[step])]
 
 
 def _from_csv(path: Path, key: str = VAL_KEY) -> list[tuple[int, float]]:

@@ -58,6 +58,9 @@ NOT_WEIGHTS = (
     "optim.loss_average",  # how the batch's tokens are averaged over processes: keyed no more than trainer.devices
 )
 # fmt: on
+# Settings added after references were cached: at the value that trains as before they stay out of the key, so a
+# reference cached before they existed is still found; any other value is keyed.
+KEYED_UNLESS = {"loader.group_by_length": False}
 
 
 def scorer_of(cfg: DictConfig) -> str:
@@ -152,7 +155,7 @@ def _without(config: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, 
         node = config
         for part in parents:
             node = node.get(part) or {}
-        if isinstance(node, dict):
+        if isinstance(node, dict) and (dotted not in KEYED_UNLESS or node.get(leaf) == KEYED_UNLESS[dotted]):
             node.pop(leaf, None)
     return config
 
@@ -164,11 +167,11 @@ def reference_key(cfg: DictConfig) -> dict[str, Any]:
     given = reference_run(cfg)
     if given is not None:
         run_cfg, metrics = finished_reference_run(cfg, given)
-        key = _without(OmegaConf.to_container(run_cfg, resolve=True), NOT_WEIGHTS)
+        key = _without(OmegaConf.to_container(run_cfg, resolve=True), (*NOT_WEIGHTS, *KEYED_UNLESS))
         key["reference_checkpoint"] = Path(str((metrics.get("train") or {}).get("best_checkpoint"))).name
         data = data_fingerprint(run_cfg)
     else:
-        key = _without(reference_config(cfg), NOT_WEIGHTS)
+        key = _without(reference_config(cfg), (*NOT_WEIGHTS, *KEYED_UNLESS))
         data = data_fingerprint(cfg)
     if scorer_of(cfg) == "lora_reference":
         key["reference_strategy"] = reference_strategy(cfg)

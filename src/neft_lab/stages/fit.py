@@ -78,6 +78,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
         eval_batch_size=cfg.loader.eval_batch_size,
         num_workers=cfg.loader.num_workers,
         seed=cfg.seed,
+        group_by_length=bool(cfg.loader.get("group_by_length")),
     )
     datamodule.setup()
     ctx.datamodule = datamodule
