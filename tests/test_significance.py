@@ -300,3 +300,10 @@ def test_ifeval_accuracies_resample_prompts():
         result = paired_bootstrap(segment_metric(name), [base], [better], samples=300)
         assert result.delta == pytest.approx(aggregate(better)[name] - aggregate(base)[name])
         assert result.p_value < 0.01 and result.ci_low > 0
+
+
+def test_a_p_value_just_under_a_threshold_is_not_shown_at_it():
+    from neft_lab.report import p_text
+
+    assert p_text(50 / 1001) == "0.04995"  # 50 of 1,000 resamples: significant at 0.05, and shown so
+    assert p_text(1 / 1001) == "0.000999" and p_text(113 / 1001) == "0.113" and p_text(0.05) == "0.050"

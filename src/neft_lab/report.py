@@ -755,7 +755,19 @@ def significance_markdown(table: Table) -> str:
 
 def _significance_cell(result: PairedResult, alpha: float) -> str:
     mark = " *" if result.significant(alpha) else ""
-    return f"{result.delta:+.2f} [{result.ci_low:+.2f}, {result.ci_high:+.2f}], p={result.p_value:.3f}{mark}"
+    return (
+        f"{result.delta:+.2f} [{result.ci_low:+.2f}, {result.ci_high:+.2f}], p={p_text(result.p_value)}{mark}"
+    )
+
+
+def p_text(p: float) -> str:
+    """A p-value to 3 decimals, or more where 3 would hide which side of 0.05 (0.01, 0.001) it falls on:
+    50 of 1,000 resamples give 0.04995, which is below 0.05, not "0.050"."""
+    for decimals in range(3, 9):
+        shown = f"{p:.{decimals}f}"
+        if not any(float(shown) == a != p for a in (0.05, 0.01, 0.001)):
+            return shown
+    return f"{p:.3g}"
 
 
 # ---- the plot ----------------------------------------------------------------------------------------
