@@ -454,3 +454,19 @@ def test_a_run_without_a_recorded_step_time_takes_it_from_its_csv_log(tmp_path):
     assert row["train_step_seconds_median"] == pytest.approx(4.5)  # median of 5, 4, 6, 2
     (run_dir / "metrics.json").write_text(json.dumps({"train": {"steps": 4, "step_seconds_median": 7.0}}))
     assert collect_runs(tmp_path)[0]["train_step_seconds_median"] == 7.0  # a recorded value wins
+
+
+def test_report_warns_when_pooled_runs_trained_differently(tmp_path, caplog):
+    """Two seeds of one method, one with batches grouped by length: pooled into one cell, with a warning."""
+    for seed, grouped in ((0, False), (1, True)):
+        _fake_run(
+            tmp_path / f"seed{seed}",
+            {"model": "m", "task": "t", "seed": seed, "strategy": "full", "trainable_percent": 100.0,
+             "after": {"bleu": 10.0 + seed, "n": 8}},
+            task={"kind": "translation"}, strategy={"name": "full"}, selection={"name": "none"},
+            optim={"lr": 1e-4}, trainer={"max_steps": 10}, loader={"batch_size": 8, "group_by_length": grouped},
+        )  # fmt: skip
+    caplog.set_level("WARNING")
+    run(compose(["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'out'}"]))
+    warned = [r.getMessage() for r in caplog.records if "pooled into one cell" in r.getMessage()]
+    assert len(warned) == 1 and "group_by_length (False, True)" in warned[0]

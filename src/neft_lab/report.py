@@ -69,7 +69,8 @@ FAMILIES = (
     "NeFT (from file)",
     "NeFT (union)",
 )
-POOLED_SETTINGS = ("lr", "steps_configured", "batch_size")  # runs pooled into one cell should agree on these
+# runs pooled into one cell should agree on these (their training differs otherwise, not only in the seed)
+POOLED_SETTINGS = ("lr", "steps_configured", "batch_size", "group_by_length")
 
 
 @dataclass(frozen=True)

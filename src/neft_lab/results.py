@@ -87,6 +87,7 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
                     "lr": OmegaConf.select(cfg, "optim.lr"),
                     "steps_configured": OmegaConf.select(cfg, "trainer.max_steps"),
                     "batch_size": OmegaConf.select(cfg, "loader.batch_size"),
+                    "group_by_length": bool(OmegaConf.select(cfg, "loader.group_by_length", default=False)),
                 }
             )
             if "strategy" in cfg and "r" in cfg.strategy and not isinstance(row.get("lora_r"), int):
