@@ -470,3 +470,42 @@ def test_report_warns_when_pooled_runs_trained_differently(tmp_path, caplog):
     run(compose(["stage=report", f"report.dir={tmp_path}", f"report.out={tmp_path / 'out'}"]))
     warned = [r.getMessage() for r in caplog.records if "pooled into one cell" in r.getMessage()]
     assert len(warned) == 1 and "group_by_length (False, True)" in warned[0]
+
+
+def test_reading_a_run_waits_until_wandb_has_written_it(tmp_path, monkeypatch):
+    """wandb.finish() returns before W&B's service has written the last records (a report's summary was missing
+    in 3 of 12 reads right after it): the reader waits for the exit record, and gives up on a log that has
+    stopped growing without one (a killed run)."""
+    import threading
+    import time
+
+    import wandb
+
+    from neft_lab.wandb_offline import find_offline_runs, read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_ = wandb.init(project="p", dir=str(tmp_path / "a"), mode="offline")
+    run_.summary.update({"score": 1.5})
+    run_.finish()
+    (folder,) = find_offline_runs(tmp_path / "a")
+    (log,) = folder.glob("run-*.wandb")
+    whole = read_offline_run(folder)
+    assert whole.exit_code == 0 and whole.summary["score"] == 1.5
+    complete = log.read_bytes()
+
+    late = tmp_path / "late" / log.name  # the header now, the records half a second later
+    late.parent.mkdir()
+    late.write_bytes(complete[:7] + bytes(len(complete) - 7))
+    writer = threading.Timer(0.5, lambda: late.write_bytes(complete))
+    writer.start()
+    try:
+        again = read_offline_run(late.parent)
+    finally:
+        writer.join()
+    assert again.exit_code == 0 and again.summary["score"] == 1.5
+
+    killed = tmp_path / "killed" / log.name  # no record will ever come
+    killed.parent.mkdir()
+    killed.write_bytes(complete[:7] + bytes(100))
+    started = time.monotonic()
+    assert read_offline_run(killed.parent).exit_code is None and time.monotonic() - started < 5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,14 +109,36 @@ class OfflineRun:
         return json.loads((self.folder / "files" / ref["path"]).read_text())
 
 
-def read_offline_run(folder: str | Path) -> OfflineRun:
-    """Decode an offline run folder (or its `run-<id>.wandb` file)."""
+def read_offline_run(folder: str | Path, wait: float = 10.0) -> OfflineRun:
+    """Decode an offline run folder (or its `run-<id>.wandb` file).
+
+    `wandb.finish()` returns before W&B's service has written the run's last records (measured: 3 of 12 runs read
+    right after finish() had no record yet), so a run without its exit record is read again until it has one, or
+    no record has been added for 2 s (a killed run never gets one), for at most `wait` seconds."""
     folder = Path(folder)
     log = folder if folder.suffix == ".wandb" else next(iter(sorted(folder.glob("run-*.wandb"))), None)
     if log is None:
         raise FileNotFoundError(f"no run-*.wandb record log in {folder}")
+    deadline = time.monotonic() + wait
+    seen, quiet_since = -1, time.monotonic()
+    while True:
+        run, records = _decode(log)
+        now = time.monotonic()
+        if records != seen:
+            seen, quiet_since = records, now
+        if run.exit_code is not None or now - quiet_since >= 2.0 or now >= deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _decode(log: Path) -> tuple[OfflineRun, int]:
+    """The run as its log holds it now, and how many records that is."""
     run = OfflineRun(folder=log.parent)
+    records = 0
+    if log.stat().st_size < len(HEADER):  # created, its header not written yet
+        return run, records
     for record in iter_records(log):
+        records += 1
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
@@ -141,7 +164,7 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
             run.artifacts.append({"name": record.artifact.name, "type": record.artifact.type})
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
-    return run
+    return run, records
 
 
 def find_offline_runs(root: str | Path) -> list[Path]:
