@@ -155,9 +155,17 @@ def _without(config: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, 
         node = config
         for part in parents:
             node = node.get(part) or {}
-        if isinstance(node, dict) and (dotted not in KEYED_UNLESS or node.get(leaf) == KEYED_UNLESS[dotted]):
+        if isinstance(node, dict):
             node.pop(leaf, None)
     return config
+
+
+def _weights_key(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` less NOT_WEIGHTS, and less each KEYED_UNLESS setting that has the value it had before it existed."""
+    at_old_value = tuple(
+        k for k, old in KEYED_UNLESS.items() if OmegaConf.select(OmegaConf.create(config), k) == old
+    )
+    return _without(config, (*NOT_WEIGHTS, *at_old_value))
 
 
 def reference_key(cfg: DictConfig) -> dict[str, Any]:
@@ -167,11 +175,11 @@ def reference_key(cfg: DictConfig) -> dict[str, Any]:
     given = reference_run(cfg)
     if given is not None:
         run_cfg, metrics = finished_reference_run(cfg, given)
-        key = _without(OmegaConf.to_container(run_cfg, resolve=True), (*NOT_WEIGHTS, *KEYED_UNLESS))
+        key = _weights_key(OmegaConf.to_container(run_cfg, resolve=True))
         key["reference_checkpoint"] = Path(str((metrics.get("train") or {}).get("best_checkpoint"))).name
         data = data_fingerprint(run_cfg)
     else:
-        key = _without(reference_config(cfg), (*NOT_WEIGHTS, *KEYED_UNLESS))
+        key = _weights_key(reference_config(cfg))
         data = data_fingerprint(cfg)
     if scorer_of(cfg) == "lora_reference":
         key["reference_strategy"] = reference_strategy(cfg)
