@@ -1,0 +1,58 @@
+"""benchmarks/table_cost.py: a CPU table's cost per method, with paused and evaluation-only attempts kept out of
+the undisturbed estimate but counted in the sum of walls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import table_cost  # noqa: E402
+
+
+def write_run(
+    folder: Path, steps: int, train_s: float, median: float, wall: float, before_s: float = 0.0
+) -> None:
+    folder.mkdir(parents=True)
+    metrics = {
+        "train": {"steps": steps, "seconds": train_s, "step_seconds_median": median},
+        "wall_seconds": wall,
+    }
+    if before_s:
+        metrics["before"] = {"seconds": before_s}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_estimate_uses_the_fastest_whole_run_and_the_walls_count_everything(tmp_path):
+    for trial, wall in enumerate([60.0, 120.0]):
+        write_run(tmp_path / "search" / "neft9" / str(trial), 12, wall - 5, 2.0, wall)
+    write_run(tmp_path / "final" / "neft9" / "seed0", 60, 300.0, 3.0, 600.0)  # whole: 10 min
+    write_run(tmp_path / "final" / "neft9" / "seed1", 60, 3000.0, 3.0, 3600.0)  # paused: 60 min
+    write_run(tmp_path / "final" / "neft9" / "seed2", 60, 2.0, 3.0, 300.0)  # only evaluated: 5 min
+    write_run(tmp_path / "final" / "full" / "seed0", 60, 420.0, 7.0, 1800.0, before_s=600.0)
+    table = table_cost.cost_table(tmp_path)
+    rows = {
+        cells[0]: cells
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:])
+    }
+    assert list(rows)[0] == "full"  # full fine-tuning first, as in the report
+    # neft9: 2 trials x 1 min (the fastest) + 3 final runs x 10 min (seed 0; seed 2's attempt only evaluated)
+    assert rows["neft9"][6:8] == ["32", "78"]  # walls: (60 + 120 + 600 + 3600 + 300) / 60 = 78
+    assert rows["full"][5:7] == ["30.0", "30"]  # the zero-shot evaluation is inside its wall
+    assert "zero-shot evaluation 10 min included" in table
+    assert "| 72 (1.2 h) | 108 (1.8 h) |" in table  # 32 + 30 + 10 estimated; 78 + 30 of walls
+
+
+def test_the_command_names_a_folder_without_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "table_cost.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "has no search/ or final/ folder" in result.stderr
