@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy what the table's report reads (per run: metrics.json, config.yaml, predictions.jsonl, csv/metrics.csv,
-# .hydra/overrides.yaml; per grid: optimization_results.yaml) out of the run folders, without checkpoints or
-# exports, so that the published table can be made again from a clone of the repository:
+# .hydra/overrides.yaml, neuron_set.json; per grid: optimization_results.yaml) out of the run folders, without
+# checkpoints, exports or neuron-set tensors, so that the published table can be made again from a clone of the repository:
 #   OUT=outputs/table_small_cpu bash scripts/table_small_cpu_collect.sh
 #   python -m neft_lab stage=report report.dir=benchmarks/results/table_small_cpu/final 'report.baseline=NeFT 9%'
 set -euo pipefail
@@ -13,7 +13,7 @@ roots=()
 for root in search final; do [ -d "$root" ] && roots+=("$root"); done
 [ ${#roots[@]} -gt 0 ] || { echo "nothing to collect in $OUT (no search/ or final/)" >&2; exit 2; }
 find "${roots[@]}" -path '*/report' -prune -o -type f \( -name metrics.json -o \( -name config.yaml -not -path '*/.hydra/*' \) -o -name predictions.jsonl \
-    -o -path '*/csv/metrics.csv' -o -name optimization_results.yaml -o -path '*/.hydra/overrides.yaml' \) -print |
+    -o -name neuron_set.json -o -path '*/csv/metrics.csv' -o -name optimization_results.yaml -o -path '*/.hydra/overrides.yaml' \) -print |
   while read -r file; do
     mkdir -p "$DEST/$(dirname "$file")"
     cp "$file" "$DEST/$file"

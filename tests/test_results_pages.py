@@ -3,6 +3,8 @@ number on the page comes out again on a fresh clone (no model, no data: the copi
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from conftest import REPO
@@ -37,3 +39,20 @@ def test_a_results_page_quotes_the_report_of_its_committed_runs(tmp_path, runs, 
         line for line in paired.splitlines() if line.startswith("| ") and not line.startswith("| method")
     ):
         assert row in text, f"{page} lacks the report's paired-test row {row!r}"
+
+
+@pytest.mark.parametrize(("runs", "page"), PAGES, ids=[page for _, page in PAGES])
+def test_a_results_page_quotes_the_cost_and_neuron_set_tables_of_its_committed_runs(runs, page):
+    table_dir = REPO / "benchmarks" / "results" / runs
+    if not (table_dir / "final").is_dir():
+        pytest.skip(f"no committed runs under {table_dir.relative_to(REPO)} yet")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import neuron_set_kinds
+    import table_cost
+
+    text = (REPO / "docs" / page).read_text()
+    for line in table_cost.cost_table(table_dir).splitlines():
+        assert line in text, f"{page} lacks benchmarks/table_cost.py's line {line!r}"
+    if list((table_dir / "final").glob("*/*/neuron_set.json")):
+        for line in neuron_set_kinds.kinds_table(table_dir / "final").splitlines():
+            assert line in text, f"{page} lacks benchmarks/neuron_set_kinds.py's line {line!r}"

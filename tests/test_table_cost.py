@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -56,3 +58,22 @@ def test_the_command_names_a_folder_without_runs(tmp_path):
     )
     assert result.returncode != 0
     assert "has no search/ or final/ folder" in result.stderr
+
+
+def test_the_kinds_table_counts_each_kind_against_the_models_vectors(tmp_path):
+    import neuron_set_kinds
+
+    signature = {"up.0": [4, 8], "down.0": [4, 8], "up.1": [4, 8], "down.1": [4, 8]}
+    for seed, down in enumerate([{"0": 4, "1": 3}, {"0": 4, "1": 4}]):
+        folder = tmp_path / "neft" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        summary = {
+            "kinds": ["up", "down"],
+            "signature": signature,
+            "per_layer": {"down": down, "up": {"0": 1}},
+        }
+        (folder / "neuron_set.json").write_text(json.dumps(summary))
+    table = neuron_set_kinds.kinds_table(tmp_path)
+    assert "| neft | 2 | 7–8 of 8 (88–100%) | 1 of 8 (12%) |" in table
+    with pytest.raises(SystemExit, match="no \\*/\\*/neuron_set.json"):
+        neuron_set_kinds.kinds_table(tmp_path / "neft")
