@@ -4,6 +4,7 @@ the undisturbed estimate but counted in the sum of walls."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,30 @@ def test_the_kinds_table_counts_each_kind_against_the_models_vectors(tmp_path):
     assert "| neft | 2 | 7–8 of 8 (88–100%) | 1 of 8 (12%) |" in table
     with pytest.raises(SystemExit, match="no \\*/\\*/neuron_set.json"):
         neuron_set_kinds.kinds_table(tmp_path / "neft")
+
+
+def test_the_collect_script_copies_the_small_outputs_and_no_tensors(tmp_path):
+    out, dest = tmp_path / "out", tmp_path / "dest"
+    run_dir = out / "final" / "neft9" / "seed0"
+    small = ["metrics.json", "config.yaml", "predictions.jsonl", "neuron_set.json", "csv/metrics.csv"]
+    large = [
+        "checkpoints/last.ckpt",
+        "neuron_set.safetensors",
+        "neft_delta.safetensors",
+        ".hydra/config.yaml",
+    ]
+    for name in small + large + ["../report/table.md"]:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("x")
+    (out / "search" / "neft9").mkdir(parents=True)
+    (out / "search" / "neft9" / "optimization_results.yaml").write_text("best_params: {}")
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "table_small_cpu_collect.sh")],
+        env={**os.environ, "OUT": str(out), "DEST": str(dest)},
+        check=True,
+        capture_output=True,
+    )
+    copied = sorted(str(path.relative_to(dest)) for path in dest.rglob("*") if path.is_file())
+    assert copied == sorted(
+        ["search/neft9/optimization_results.yaml"] + [f"final/neft9/seed0/{name}" for name in small]
+    )
