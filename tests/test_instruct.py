@@ -314,6 +314,30 @@ def test_ifeval_verdicts_on_hand_made_responses(ifeval):
     assert metrics == {**metrics, **ifeval.aggregate(rows)}  # what a bootstrap over rows recomputes
 
 
+def test_a_check_that_draws_a_random_argument_gives_one_verdict(ifeval):
+    """IFEval prompts 1122 and 1129 ask for a letter the official code does not accept ('#', '!'): it draws a
+    random letter, afresh for the strict and for the loose check. Scored on the global `random` state, the same
+    response would get verdicts that change from run to run, and loose could fail where strict passes."""
+    import random
+
+    prompt = {"key": 1122, "prompt": "p", "instruction_id_list": ["keywords:letter_frequency"],
+              "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}]}  # fmt: skip
+    response = (
+        "aaaa bbbb cccc dddd eeee ffff gggg hhhh iiii jjjj kkkk llll mmmm"  # half the alphabet, 4 times
+    )
+    verdicts = set()
+    for seed in range(10):
+        random.seed(seed)
+        _, rows = ifeval.score([prompt], [response])
+        verdicts.add((tuple(rows[0]["ifeval_inst_strict"]), tuple(rows[0]["ifeval_inst_loose"])))
+    assert len(verdicts) == 1, verdicts
+    ((strict, loose),) = verdicts
+    assert strict == loose  # one response line, no markup: the loose variants are the response itself
+    state = random.getstate()
+    ifeval.score([prompt], [response])
+    assert random.getstate() == state  # the caller's random stream is left as it was
+
+
 def test_punkt_model_is_written_where_nltk_finds_it(ifeval, monkeypatch, tmp_path):
     import nltk
     import punkt

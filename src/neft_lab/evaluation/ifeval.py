@@ -13,6 +13,12 @@ and `utils.test_instruction_following_strict` / `_loose`, the Open LLM Leaderboa
 - langdetect's language profiles, which ship inside the package. Its detector is seeded
   (`DetectorFactory.seed = 0`) so that a response gets the same verdict on every run; the official code leaves it
   unseeded, which can flip a borderline language or case check between runs.
+- Python's `random`, which a check draws from when an argument is missing or not accepted (IFEval prompts 1122
+  and 1129 ask for the letters '#' and '!', which the letter-frequency check replaces by a random letter). The
+  official code draws afresh, from the unseeded global state, for the strict and for the loose check, so the
+  same response could pass one and fail the other and change verdicts between runs. Here each prompt's strict
+  and loose checks draw from one seed made from its key (the same draw for both, on every run), and the
+  caller's random state is restored afterwards.
 
 Metrics (x100, as the paper and lm-eval report them): prompt-level strict / loose accuracy (the share of prompts
 whose every instruction is followed) and instruction-level strict / loose accuracy (the share of all
@@ -22,11 +28,13 @@ Each prompt's verdicts go to its predictions.jsonl row, so a paired bootstrap ov
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
+import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -179,8 +187,10 @@ def score(
             key=row["key"], instruction_id_list=ids, prompt=prompt["prompt"], kwargs=row["kwargs"]
         )
         try:
-            strict = checks.utils.test_instruction_following_strict(example, response)
-            loose = checks.utils.test_instruction_following_loose(example, response)
+            with _drawing_for(row["key"]):
+                strict = checks.utils.test_instruction_following_strict(example, response)
+            with _drawing_for(row["key"]):  # the same draw as the strict check's
+                loose = checks.utils.test_instruction_following_loose(example, response)
             row["ifeval_inst_strict"] = [bool(v) for v in strict.follow_instruction_list]
             row["ifeval_inst_loose"] = [bool(v) for v in loose.follow_instruction_list]
         except Exception as err:  # noqa: BLE001 - one odd response must not lose a whole evaluation
@@ -195,6 +205,17 @@ def score(
     if errors:
         metrics["ifeval_errors"] = errors
     return metrics, rows
+
+
+@contextlib.contextmanager
+def _drawing_for(key: Any) -> Iterator[None]:
+    """Python's `random` seeded from a prompt's key while its checks are built, then the caller's state back."""
+    state = random.getstate()
+    random.seed(f"ifeval:{key}")  # a str seed hashes the same in every process
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
