@@ -47,7 +47,7 @@ def test_a_results_page_quotes_the_report_of_its_committed_runs(tmp_path, runs, 
 def test_a_results_page_quotes_the_cost_and_neuron_set_tables_of_its_committed_runs(runs, page):
     table_dir = REPO / "benchmarks" / "results" / runs
     if not (table_dir / "final").is_dir():
-        pytest.skip(f"no committed runs under {table_dir.relative_to(REPO)} yet")
+        pytest.skip(f"no committed final runs under {table_dir.relative_to(REPO)} yet")
     sys.path.insert(0, str(REPO / "benchmarks"))
     import neuron_set_kinds
     import table_cost
