@@ -28,13 +28,11 @@ Each prompt's verdicts go to its predictions.jsonl row, so a paired bootstrap ov
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import logging
-import random
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +40,7 @@ from typing import Any
 
 from neft_lab.data.examples import Example
 from neft_lab.errors import ConfigError, DataError
+from neft_lab.seeded_random import seeded_random
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +186,9 @@ def score(
             key=row["key"], instruction_id_list=ids, prompt=prompt["prompt"], kwargs=row["kwargs"]
         )
         try:
-            with _drawing_for(row["key"]):
+            with seeded_random(f"ifeval:{row['key']}"):
                 strict = checks.utils.test_instruction_following_strict(example, response)
-            with _drawing_for(row["key"]):  # the same draw as the strict check's
+            with seeded_random(f"ifeval:{row['key']}"):  # the same draw as the strict check's
                 loose = checks.utils.test_instruction_following_loose(example, response)
             row["ifeval_inst_strict"] = [bool(v) for v in strict.follow_instruction_list]
             row["ifeval_inst_loose"] = [bool(v) for v in loose.follow_instruction_list]
@@ -205,17 +204,6 @@ def score(
     if errors:
         metrics["ifeval_errors"] = errors
     return metrics, rows
-
-
-@contextlib.contextmanager
-def _drawing_for(key: Any) -> Iterator[None]:
-    """Python's `random` seeded from a prompt's key while its checks are built, then the caller's state back."""
-    state = random.getstate()
-    random.seed(f"ifeval:{key}")  # a str seed hashes the same in every process
-    try:
-        yield
-    finally:
-        random.setstate(state)
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from neft_lab.errors import ConfigError
 from neft_lab.neurons.geometry import NeuronSpace
+from neft_lab.seeded_random import seeded_random
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,8 @@ def held_out(count: int, test_examples: int, seed: int = AUTHORS_SPLIT_SEED) -> 
             f"test_examples={test_examples} held out of {count} examples leaves none to fit: the authors hold out "
             "1,000 of the XNLI set; lower selection.probe.test_examples or give more examples"
         )
-    state = random.getstate()
-    try:
-        random.seed(seed)
+    with seeded_random(seed):
         chosen = random.sample(range(count), test_examples)
-    finally:
-        random.setstate(state)
     mask = torch.zeros(count, dtype=torch.bool)
     mask[chosen] = True
     return mask
