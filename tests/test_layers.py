@@ -1,8 +1,8 @@
 """Layers keep to their rooms: the library layer imports no framework, and no module borrows another's privates.
 
 The library layer is `neft_lab.library`, `neft_lab.neurons` (with `neurons/scorers/`) and the foundation
-modules below both it and the framework (`errors`, `integrity`, `io`, `losses`, `masters`), plus the package
-root `neft_lab/__init__.py` (which every import of the layer runs). It may import the standard library,
+modules below both it and the framework (`errors`, `integrity`, `io`, `losses`, `masters`, `seeded_random`), plus
+the package root `neft_lab/__init__.py` (which every import of the layer runs). It may import the standard library,
 torch, transformers, safetensors and numpy, and each other: no Hydra, omegaconf or Lightning, and no other
 neft_lab module (training/, data/, models/, strategies/, analysis/, the pipeline...). Two more third-party
 packages are tolerated: tqdm (a dependency of transformers: the scorers' progress bars) and peft (imported
@@ -35,6 +35,7 @@ LAYER_MODULES = frozenset(
         "neft_lab.io",
         "neft_lab.losses",
         "neft_lab.masters",
+        "neft_lab.seeded_random",
     }
 )
 # tqdm: transformers' own dependency (progress bars); peft and bitsandbytes: imported inside functions only, by
