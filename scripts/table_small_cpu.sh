@@ -18,15 +18,15 @@
 #
 # Rerun the same command after a kill, a reboot or a timeout: finished trials and seeds are skipped, the one in
 # flight resumes from its last checkpoint (every validation), so at most VAL_EVERY steps of one job are lost.
-# Knobs (environment): OUT, DATA, MODEL, TASK, METHODS (of full,neft9,random9,lora,reverse9,neft3), SEEDS,
-# STEPS, VAL_EVERY, PATIENCE, SEARCH_STEPS, TEST, VAL, BATCH, PRECISION, BASELINE (the report's), EXTRA;
+# Knobs (environment): OUT, DATA, MODEL, TASK, METHODS (of full,neft9,random9,lora,reverse9,neft3,random3),
+# SEEDS, STEPS, VAL_EVERY, PATIENCE, SEARCH_STEPS, TEST, VAL, BATCH, PRECISION, BASELINE (the report's), EXTRA;
 # TASK=alpaca_ifeval trains on Alpaca and scores IFEval (scripts/table_ifeval_cpu.sh; MAX_NEW new tokens).
 set -euo pipefail
 OUT=${OUT:-outputs/table_small_cpu}
 DATA=${DATA:-../shared/data}
 MODEL=${MODEL:-gemma3_270m}
 TASK=${TASK:-wmt_zh_en}
-METHODS=${METHODS:-full,neft9,random9,lora,reverse9,neft3}
+METHODS=${METHODS:-full,neft9,random9,lora,reverse9,neft3,random3}
 SEEDS=${SEEDS:-0,1,2}
 STEPS=${STEPS:-60}
 VAL_EVERY=${VAL_EVERY:-20}
@@ -65,7 +65,8 @@ method_overrides() {
     neft3)    over=(strategy=neft budget=0.03); grid="3e-5,1e-4,3e-4,1e-3" ;;
     random9)  over=(strategy=random_neuron budget=0.09); grid="3e-5,1e-4,3e-4,1e-3" ;;
     reverse9) over=(strategy=reverse_selection budget=0.09); grid="3e-5,1e-4,3e-4,1e-3" ;;
-    *) echo "unknown method $1 (choose from full,neft9,random9,lora,reverse9,neft3)" >&2; exit 2 ;;
+    random3)  over=(strategy=random_neuron budget=0.03); grid="3e-5,1e-4,3e-4,1e-3" ;;  # NeFT 3%'s control
+    *) echo "unknown method $1 (choose from full,neft9,random9,lora,reverse9,neft3,random3)" >&2; exit 2 ;;
   esac
   case "$1" in  # the methods scored against the full fine-tune
     neft9|neft3|reverse9) search_ref=("$ref_search"); final_ref=("$ref_final") ;;
