@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Table 2 in small, on a CPU: Gemma-3-270M, WMT zh→en (train: WMT18-20 newstest less 200 held-out pairs for
-# validation; test: the first 300 segments of WMT21), six methods with equal care, then the report with
+# validation; test: the first 300 segments of WMT21), seven methods with equal care, then the report with
 # mean ± std over seeds, paired bootstrap p-values against NeFT 9% and the convergence curves
 # (docs/results_wmt_zhen_gemma.md). Needs the `sweeps` extra (pip install -e '.[gemma,sweeps]').
 #
-#   bash scripts/table_small_cpu.sh                                        # the table (~5 CPU-hours on 2 cores)
+#   bash scripts/table_small_cpu.sh                                        # the table (~5.4 CPU-hours on 2 cores)
 #   MODEL=tiny TASK=embedded STEPS=4 VAL_EVERY=2 SEARCH_STEPS=2 TEST=8 VAL=8 SEEDS=0,1 PRECISION=32-true \
 #       EXTRA="model.tiny.hidden_size=32" OUT=/tmp/t bash scripts/table_small_cpu.sh     # dry run, tiny model
 #
